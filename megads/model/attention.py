@@ -1,0 +1,80 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, DeepSeek-V3 §2.1.1).
+
+    query:  c_q = RMSNorm(W_DQ h)            (skipped when q_lora_rank is None: q = W_Q h)
+            [q_nope ; q_rope] = W_UQ c_q      per head: qk_nope_head_dim + qk_rope_head_dim
+    kv:     [c_kv ; k_rope] = W_DKV h         c_kv: kv_lora_rank, k_rope: ONE shared rope key
+            [k_nope ; v] = W_UKV RMSNorm(c_kv)
+    attn:   softmax(q k^T * scale) v,  q = [q_nope ; RoPE(q_rope)], k = [k_nope ; RoPE(k_rope)]
+
+Only c_kv and k_rope would need caching at inference. Training runs causal attention through
+`scaled_dot_product_attention`. The rope rotation is half-split (see rope.py).
+
+Shapes: B batch, T sequence, D hidden, H heads, C kv_lora_rank, R rope dim, P nope dim, V v dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megads.model.config import ModelConfig
+from megads.model.linear import LinearFactory
+from megads.model.norm import RMSNorm
+from megads.model.rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, factory: LinearFactory) -> None:
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        self.q_lora_rank = cfg.q_lora_rank
+        self.softmax_scale = cfg.softmax_scale()
+        qk_dim = cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = factory.linear(cfg.hidden_size, self.n_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = factory.linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=cfg.rms_norm_eps)
+            self.q_b_proj = factory.linear(cfg.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = factory.linear(
+            cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias
+        )
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=cfg.rms_norm_eps)
+        self.kv_b_proj = factory.linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = factory.linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        cos_TR, sin_TR = rope
+        if self.q_lora_rank is None:
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q_BTHQ = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope_BTHP, q_rope_BTHR = q_BTHQ.split([self.nope_dim, self.rope_dim], dim=-1)
+
+        kv = self.kv_a_proj_with_mqa(x_BTD)
+        c_kv_BTC, k_rope_BTR = kv.split([self.kv_rank, self.rope_dim], dim=-1)
+        kv_BTHX = self.kv_b_proj(self.kv_a_layernorm(c_kv_BTC)).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope_BTHP, v_BTHV = kv_BTHX.split([self.nope_dim, self.v_dim], dim=-1)
+
+        q_rope_BTHR = apply_rope(q_rope_BTHR, cos_TR, sin_TR)
+        k_rope_BT1R = apply_rope(k_rope_BTR.unsqueeze(2), cos_TR, sin_TR)
+
+        q_BTHQ = torch.cat([q_nope_BTHP, q_rope_BTHR], dim=-1)
+        k_BTHQ = torch.cat([k_nope_BTHP, k_rope_BT1R.expand(B, T, self.n_heads, self.rope_dim)], dim=-1)
+        # SDPA wants [B, H, T, *]
+        out_BHTV = F.scaled_dot_product_attention(
+            q_BTHQ.transpose(1, 2),
+            k_BTHQ.transpose(1, 2),
+            v_BTHV.transpose(1, 2),
+            is_causal=True,
+            scale=self.softmax_scale,
+        )
+        out_BTX = out_BHTV.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)
+        return self.o_proj(out_BTX)

@@ -1,0 +1,91 @@
+"""DeepSeekMoE gating (DeepSeek-V3 §2.1.2): sigmoid affinities, group-limited top-k, bias balancing.
+
+For token t and routed expert i:
+    s_i = sigmoid(u_t . e_i)                          (in float32)
+    selection uses s_i + b_i, where b is a per-expert bias buffer that no optimizer touches
+    group-limited: experts split into n_group groups; a group scores the sum of its top-2
+    (s + b); keep the topk_group best groups, pick the top-k experts inside them
+    gate g_i = s_i / sum_{selected} s_j * routed_scaling_factor   (the bias never enters g)
+
+The router also (a) accumulates per-expert token counts for the auxiliary-loss-free bias
+update (`balance.update_expert_bias`) and (b) computes the complementary sequence-wise
+balance loss L = alpha * sum_i f_i P_i with f_i = E/(K*T) * count_i(sequence) and
+P_i = mean_t s_i / sum_j s_j.
+
+Shapes: B batch, T sequence (per sample), N = B*T tokens, D hidden, E routed experts, K top-k,
+G groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megads.model.config import ModelConfig
+
+
+@dataclass
+class Routing:
+    """The router's decision for N tokens."""
+
+    topk_idx_NK: torch.Tensor  # int64 expert ids
+    topk_weight_NK: torch.Tensor  # float32 gate values (with grad)
+    balance_loss: torch.Tensor  # scalar, with grad (0 when alpha == 0 or not training)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
+        self.alpha = cfg.seq_aux_loss_alpha
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # Selection bias: a persistent buffer (saved in checkpoints, never seen by the optimizer).
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        # Tokens routed to each expert since the last bias update (this rank's share).
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
+
+    def forward(self, x_ND: torch.Tensor, *, seq_len: int) -> Routing:
+        """Route N tokens laid out as consecutive sequences of `seq_len` tokens."""
+        x_ND = x_ND.reshape(-1, x_ND.shape[-1])
+        N = x_ND.shape[0]
+        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        scores_NE = logits_NE.sigmoid()
+        with torch.no_grad():
+            choice_NE = scores_NE + self.e_score_correction_bias
+            per_group = self.n_experts // self.n_group
+            group_score_NG = choice_NE.view(N, self.n_group, per_group).topk(2, dim=-1)[0].sum(-1)
+            group_idx = group_score_NG.topk(self.topk_group, dim=-1, sorted=False)[1]
+            group_mask_NG = torch.zeros_like(group_score_NG).scatter_(1, group_idx, 1.0)
+            expert_mask_NE = group_mask_NG.unsqueeze(-1).expand(N, self.n_group, per_group).reshape(N, -1)
+            choice_NE = choice_NE.masked_fill(expert_mask_NE == 0, float("-inf"))
+            topk_idx_NK = choice_NE.topk(self.top_k, dim=-1, sorted=False)[1]
+            self.tokens_per_expert += torch.bincount(topk_idx_NK.flatten(), minlength=self.n_experts).float()
+        weight_NK = scores_NE.gather(1, topk_idx_NK)
+        if self.norm_topk_prob:
+            weight_NK = weight_NK / (weight_NK.sum(-1, keepdim=True) + 1e-20)
+        weight_NK = weight_NK * self.scaling
+
+        if self.training and self.alpha > 0:
+            balance = self.sequence_balance_loss(scores_NE, topk_idx_NK, seq_len=seq_len)
+        else:
+            balance = scores_NE.new_zeros(())
+        return Routing(topk_idx_NK=topk_idx_NK, topk_weight_NK=weight_NK, balance_loss=balance)
+
+    def sequence_balance_loss(self, scores_NE: torch.Tensor, topk_idx_NK: torch.Tensor, *, seq_len: int) -> torch.Tensor:
+        """alpha * mean over sequences of sum_i f_i P_i (DeepSeek-V3 eq. 17-20)."""
+        N, E = scores_NE.shape
+        B, T = N // seq_len, seq_len
+        with torch.no_grad():
+            counts_BE = torch.zeros(B, E, device=scores_NE.device)
+            counts_BE.scatter_add_(1, topk_idx_NK.view(B, T * self.top_k), torch.ones(B, T * self.top_k, device=scores_NE.device))
+            f_BE = counts_BE * (E / (self.top_k * T))
+        p_BE = (scores_NE / scores_NE.sum(-1, keepdim=True)).view(B, T, E).mean(1)
+        return self.alpha * (f_BE * p_BE).sum(-1).mean()

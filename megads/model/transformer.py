@@ -1,0 +1,168 @@
+"""The DeepSeek-V3 language model, single-device and top to bottom.
+
+    tokens -> embed_tokens -> layers[0..L) -> norm -> lm_head -> logits
+                                  |
+                                  +-> MTP modules 1..D (share embed_tokens and lm_head)
+
+Layers live in a string-keyed `ModuleDict` ("0", "1", ...) so parameter names stay stable
+when a pipeline stage deletes the layers it does not own (torchtitan's habit); `embed_tokens`,
+`norm`, `lm_head` and `mtp` may likewise be None on stages that do not hold them. Parallelism
+is applied from outside (`megads.parallel`), never inside this file.
+
+Loss (DeepSeek-V3 §2.2): L = L_main + lambda/D * sum_k L_MTP_k + sum_layers L_balance, where
+lambda (`mtp_weight`) is a training-schedule quantity passed in per call.
+
+Shapes: B batch, T sequence, D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megads.model.block import RopeCache, TransformerBlock
+from megads.model.config import ModelConfig
+from megads.model.linear import GroupedLinear, LinearFactory
+from megads.model.mtp import MTPModule
+from megads.model.norm import RMSNorm
+from megads.model.rope import RotaryEmbedding
+from megads.model.router import Router
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits_BTV: torch.Tensor
+    hidden_BTD: torch.Tensor  # last layer output before the final norm (input of MTP depth 1)
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [B, T-k, V]
+    balance_loss: torch.Tensor | None = None  # summed over MoE layers (and MTP blocks)
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor  # what backward runs on
+    lm: torch.Tensor  # main next-token cross entropy (detached)
+    mtp: torch.Tensor  # mean over depths of the MTP cross entropies (detached; 0 without MTP)
+    balance: torch.Tensor  # sequence-wise balance loss, summed over layers (detached)
+
+
+def cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Mean token cross entropy in float32, ignoring IGNORE_INDEX labels."""
+    return F.cross_entropy(
+        logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), labels_BT.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+class DeepseekV3(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, factory: LinearFactory | None = None) -> None:
+        super().__init__()
+        cfg.validate()
+        factory = factory or LinearFactory()
+        self.cfg = cfg
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(cfg, layer_idx=i, factory=factory) for i in range(cfg.num_hidden_layers)}
+        )
+        self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.lm_head: nn.Module | None = factory.linear(cfg.hidden_size, cfg.vocab_size)
+        self.mtp: nn.ModuleDict | None = nn.ModuleDict(
+            {str(k): MTPModule(cfg, depth=k + 1, factory=factory) for k in range(cfg.num_nextn_predict_layers)}
+        )
+        self.rotary = RotaryEmbedding(cfg)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, *, std: float | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms, zero biases/expert bias."""
+        std = self.cfg.initializer_range if std is None else std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding, GroupedLinear)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                module.e_score_correction_bias.zero_()
+                module.tokens_per_expert.zero_()
+
+    # ------------------------------------------------------------- pieces
+    def rope(self, seq_len: int, *, device: torch.device, dtype: torch.dtype) -> RopeCache:
+        return self.rotary(torch.arange(seq_len, device=device), dtype=dtype)
+
+    def embed(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        assert self.embed_tokens is not None, "this stage holds no embedding"
+        return self.embed_tokens(input_ids_BT)
+
+    def run_layers(self, h_BTD: torch.Tensor, rope: RopeCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run every layer this module holds, in order; returns (hidden, summed balance loss)."""
+        balance = h_BTD.new_zeros((), dtype=torch.float32)
+        for block in self.layers.values():
+            h_BTD, b = block(h_BTD, rope)
+            balance = balance + b
+        return h_BTD, balance
+
+    def head(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        assert self.norm is not None and self.lm_head is not None, "this stage holds no output head"
+        return self.lm_head(self.norm(h_BTD))
+
+    def mtp_forward(
+        self, h_BTD: torch.Tensor, input_ids_BT: torch.Tensor, rope: RopeCache
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """MTP logits for depths 1..D (depth k: [B, T-k, V]) and their summed balance loss."""
+        logits: list[torch.Tensor] = []
+        balance = h_BTD.new_zeros((), dtype=torch.float32)
+        if not self.mtp:
+            return logits, balance
+        assert self.embed_tokens is not None and self.lm_head is not None
+        T = input_ids_BT.shape[1]
+        for k, module in enumerate(self.mtp.values(), start=1):
+            if T - k <= 0:
+                break
+            emb_BTD = self.embed_tokens(input_ids_BT[:, k:])
+            rope_k = (rope[0][: T - k], rope[1][: T - k])
+            h_BTD, normed_BTD, b = module(h_BTD[:, : T - k], emb_BTD, rope_k)
+            logits.append(self.lm_head(normed_BTD))
+            balance = balance + b
+        return logits, balance
+
+    # ------------------------------------------------------------- whole model
+    def forward(self, input_ids_BT: torch.Tensor, *, with_mtp: bool = True) -> ModelOutput:
+        B, T = input_ids_BT.shape
+        h_BTD = self.embed(input_ids_BT)
+        rope = self.rope(T, device=h_BTD.device, dtype=h_BTD.dtype)
+        h_BTD, balance = self.run_layers(h_BTD, rope)
+        logits_BTV = self.head(h_BTD)
+        mtp_logits: list[torch.Tensor] = []
+        if with_mtp:
+            mtp_logits, mtp_balance = self.mtp_forward(h_BTD, input_ids_BT, rope)
+            balance = balance + mtp_balance
+        return ModelOutput(logits_BTV=logits_BTV, hidden_BTD=h_BTD, mtp_logits=mtp_logits, balance_loss=balance)
+
+    def compute_loss(self, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor, *, mtp_weight: float) -> LossOutput:
+        out = self(input_ids_BT, with_mtp=mtp_weight > 0)
+        return loss_from_output(out, labels_BT, mtp_weight=mtp_weight)
+
+
+def mtp_loss(mtp_logits: list[torch.Tensor], labels_BT: torch.Tensor) -> torch.Tensor:
+    """Mean over depths of the depth-k cross entropies (targets y[:, k:])."""
+    if not mtp_logits:
+        return labels_BT.new_zeros((), dtype=torch.float32)
+    losses = [cross_entropy(lg, labels_BT[:, k:]) for k, lg in enumerate(mtp_logits, start=1)]
+    return torch.stack(losses).mean()
+
+
+def loss_from_output(out: ModelOutput, labels_BT: torch.Tensor, *, mtp_weight: float) -> LossOutput:
+    lm = cross_entropy(out.logits_BTV, labels_BT)
+    mtp = mtp_loss(out.mtp_logits, labels_BT)
+    balance = out.balance_loss if out.balance_loss is not None else lm.new_zeros(())
+    total = lm + balance
+    if out.mtp_logits and mtp_weight > 0:
+        total = total + mtp_weight * mtp  # lambda/D * sum_k = lambda * mean_k
+    return LossOutput(total=total, lm=lm.detach(), mtp=mtp.detach(), balance=balance.detach())
