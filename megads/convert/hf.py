@@ -137,6 +137,11 @@ def _permute_rope(t: torch.Tensor, cfg: ModelConfig, kind: str | None, *, invers
     return t.index_select(0, _rope_perm(cfg, kind, t.shape[0], inverse=inverse))
 
 
+def _expert_rows(part: str | None, inter: int) -> slice:
+    """Rows of one expert's slice of our stacked tensor that hold the HF tensor `part`."""
+    return {"gate": slice(0, inter), "up": slice(inter, 2 * inter)}.get(part or "", slice(None))
+
+
 # --------------------------------------------------------------------------- FP8
 def dequantize_fp8_blockwise(w_fp8: torch.Tensor, scale_inv: torch.Tensor, *, block: int = FP8_BLOCK) -> torch.Tensor:
     """float32 weight = fp8 weight * scale_inv, one scale per block x block tile."""
@@ -315,7 +320,6 @@ def load_hf_state_dict(path: str | os.PathLike[str], cfg: ModelConfig, model: De
     state = model.state_dict()
     filled: set[str] = set()  # repr of (our name[, expert, part]) already written
     shared_copies: list[tuple[str, torch.Tensor, Path]] = []
-    I = cfg.moe_intermediate_size
     with torch.no_grad():
         for name, t, file in iter_hf_tensors(path):
             target = hf_to_megads(name, cfg)
@@ -338,8 +342,7 @@ def load_hf_state_dict(path: str | os.PathLike[str], cfg: ModelConfig, model: De
                 e = target.expert
                 if e >= dest.shape[0]:
                     raise CheckpointError(f"{file}: tensor {name}: expert {e} >= n_routed_experts={dest.shape[0]}")
-                rows = {"gate": slice(0, I), "up": slice(I, 2 * I), "down": slice(None)}[spec.expert]
-                region = dest[e][rows]
+                region = dest[e][_expert_rows(spec.expert, cfg.moe_intermediate_size)]
                 key = (target.ours, e, spec.expert)
             else:
                 region = dest
@@ -410,7 +413,6 @@ def from_hf(
 def hf_state_dict(model: DeepseekV3, *, fp8: bool = False) -> dict[str, torch.Tensor]:
     """Our weights in the public HF layout (per-expert tensors, interleaved rope rows, MTP copies)."""
     cfg = model.cfg
-    I = cfg.moe_intermediate_size
     out: dict[str, torch.Tensor] = {}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for ours, t in state.items():
@@ -419,8 +421,7 @@ def hf_state_dict(model: DeepseekV3, *, fp8: bool = False) -> dict[str, torch.Te
         for hf_name, spec, e in megads_to_hf(ours, cfg):
             v = t
             if e is not None and spec is not None:
-                rows = {"gate": slice(0, I), "up": slice(I, 2 * I), "down": slice(None)}[spec.expert]
-                v = t[e][rows]
+                v = t[e][_expert_rows(spec.expert, cfg.moe_intermediate_size)]
             if spec is not None and spec.rope is not None:
                 v = _permute_rope(v, cfg, spec.rope, inverse=True)
             out[hf_name] = v.contiguous()

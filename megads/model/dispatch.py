@@ -52,8 +52,8 @@ class LocalDispatcher:
         return DispatchResult(x_MD=x_MD, counts=counts, state={"order_M": order_M, "N": N, "K": K})
 
     def combine(self, y_MD: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        # Scatter rows back to (token, k) order. index_copy's backward is a plain gather, cheaper
+        # than the scatter-add that the backward of an inverse-permutation gather would need.
         order_M = result.state["order_M"]
-        inverse_M = torch.empty_like(order_M)
-        inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
-        y_MD = y_MD.index_select(0, inverse_M)
-        return y_MD.view(result.state["N"], result.state["K"], -1)
+        y_flat_MD = y_MD.new_empty(y_MD.shape).index_copy(0, order_M, y_MD)
+        return y_flat_MD.view(result.state["N"], result.state["K"], -1)
