@@ -6,7 +6,7 @@ For each preset: a transformers `DeepseekV3ForCausalLM` is built from the preset
 (default attention implementation, sdpa), saved, and loaded into megads with `megads.from_hf`,
 so both hold the same weights. Each iteration runs loss + backward on the same batch (no MTP:
 transformers' model has none), alternating the two models to share machine noise; we report
-median seconds per iteration and the ratio megads/transformers (goal <= 0.5).
+median wall and CPU seconds per iteration and the ratios megads/transformers (goal <= 0.5).
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ def build_pair(preset: str, *, seed: int):
     return cfg, hf.train(), ours.train()
 
 
-def time_step(fn) -> float:
-    start = time.perf_counter()
+def time_step(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def bench(preset: str, *, batch: int, seq: int, iters: int, warmup: int = 1) -> dict[str, float]:
@@ -68,9 +69,12 @@ def bench(preset: str, *, batch: int, seq: int, iters: int, warmup: int = 1) -> 
         print(f"  {preset}: iteration {i + 1}/{iters}", flush=True)
         t_hf.append(time_step(run_hf))
         t_ours.append(time_step(run_ours))
-    hf_s, ours_s = statistics.median(t_hf), statistics.median(t_ours)
+    hf_s, ours_s = (statistics.median(t[0] for t in ts) for ts in (t_hf, t_ours))
+    hf_cpu, ours_cpu = (statistics.median(t[1] for t in ts) for ts in (t_hf, t_ours))
     n_params = sum(p.numel() for p in hf.parameters())
     return {"params_M": n_params / 1e6, "transformers_s": hf_s, "megads_s": ours_s, "ratio": ours_s / hf_s,
+            "transformers_cpu_s": hf_cpu, "megads_cpu_s": ours_cpu, "cpu_ratio": ours_cpu / hf_cpu,
+            "experts_impl": str(hf.config._experts_implementation),
             "tokens_per_s_megads": batch * seq / ours_s, "tokens_per_s_transformers": batch * seq / hf_s}
 
 
@@ -93,9 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     for preset in args.presets:
         r = bench(preset, batch=args.batch, seq=args.seq, iters=args.iters)
         rows.append((preset, r))
-    print(f"{'preset':8s} {'params':>9s} {'transformers s':>15s} {'megads s':>10s} {'megads/transformers':>20s}")
+    print(f"peer: transformers DeepseekV3ForCausalLM, experts_implementation={rows[0][1]['experts_impl']}, sdpa")
+    print(f"{'preset':8s} {'params':>9s} {'hf wall s':>10s} {'ours wall s':>12s} {'wall ratio':>11s} "
+          f"{'hf cpu s':>9s} {'ours cpu s':>11s} {'cpu ratio':>10s}")
     for preset, r in rows:
-        print(f"{preset:8s} {r['params_M']:8.1f}M {r['transformers_s']:15.3f} {r['megads_s']:10.3f} {r['ratio']:20.3f}")
+        print(f"{preset:8s} {r['params_M']:8.1f}M {r['transformers_s']:10.3f} {r['megads_s']:12.3f} {r['ratio']:11.3f} "
+              f"{r['transformers_cpu_s']:9.3f} {r['megads_cpu_s']:11.3f} {r['cpu_ratio']:10.3f}")
 
 
 if __name__ == "__main__":

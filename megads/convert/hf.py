@@ -30,8 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megads.convert.atomic import atomic_folder
 from megads.model.config import ModelConfig
 from megads.model.rope import interleaved_to_half_split
 from megads.model.transformer import DeepseekV3
@@ -448,12 +447,8 @@ def to_hf(
 ) -> None:
     """Write `model` as a HF checkpoint folder (config.json, sharded safetensors + index), atomically."""
     dst = Path(path)
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise CheckpointError(f"{dst}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    tensors = hf_state_dict(model, fp8=fp8)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_folder(dst, overwrite=overwrite, error=CheckpointError) as tmp:
+        tensors = hf_state_dict(model, fp8=fp8)
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name in sorted(tensors):
@@ -482,15 +477,3 @@ def to_hf(
                 "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
             }
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        if dst.exists():
-            for old in dst.iterdir():
-                if old.name.startswith("model") and old.suffix in (".safetensors", ".json"):
-                    old.unlink()
-            for f in tmp.iterdir():
-                os.replace(f, dst / f.name)
-            tmp.rmdir()
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from megads.convert.atomic import atomic_folder
 from megads.model.config import ModelConfig, RopeScalingConfig
 from megads.model.transformer import DeepseekV3
 
@@ -41,24 +40,10 @@ def config_from_json(text: str, *, source: str) -> ModelConfig:
 
 
 def save_native(model: DeepseekV3, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
-    dst = Path(path)
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise ValueError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_folder(Path(path), overwrite=overwrite) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "megads"})
         (tmp / CONFIG_FILE).write_text(config_to_json(model.cfg))
-        if dst.exists():
-            for f in tmp.iterdir():
-                os.replace(f, dst / f.name)
-            tmp.rmdir()
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_native(path: str | os.PathLike[str]) -> DeepseekV3:

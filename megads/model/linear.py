@@ -42,9 +42,11 @@ class _GroupedMM(torch.autograd.Function):
         w = w_EOI.to(grad_NO.dtype)
         grad_NO = grad_NO.contiguous()
         grad_x = x_NI.new_empty(x_NI.shape) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w_EOI, dtype=grad_NO.dtype) if ctx.needs_input_grad[1] else None
+        grad_w = torch.empty_like(w_EOI, dtype=grad_NO.dtype) if ctx.needs_input_grad[1] else None
         start = 0
         for e, n in enumerate(ctx.counts):
+            if not n and grad_w is not None:
+                grad_w[e].zero_()  # only experts without rows; the rest are fully overwritten
             if n:
                 g = grad_NO[start:start + n]
                 if grad_x is not None:

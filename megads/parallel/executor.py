@@ -1,0 +1,301 @@
+"""One training step on a (pp, ep, dp) mesh: data split, pipeline schedule, ZeRO-1, expert bias.
+
+Parallelism is applied to the single-device model in one fixed order:
+
+    1. plan_layout (numbers only)  2. ParallelMesh.build (groups)
+    3. build_stage_model (whole model under the seed, pruned to this rank's pieces)
+    4. shard_experts (ep)          5. DeepseekStage + PipelineRuntime (schedule)
+    6. Zero1AdamW (dp / edp / embed groups)
+
+A step on the global batch [G, T]: data-parallel rank d takes rows [d*G/dp, (d+1)*G/dp) and
+cuts them into M = G/(dp*micro_batch_size) micro-batches; every pipeline rank of the replica
+gets the same list (the first stage reads the tokens, the last the labels and MTP tokens). The
+runtime runs the schedule; ZeRO-1 reduces, clips over every group, updates and all-gathers; the
+expert-load counts of every router are summed over the world (each layer lives on one stage, so
+the world sum is the dp sum of that stage) and drive the auxiliary-loss-free bias update, the
+same on every replica. The global loss parts are world sums of the per-rank sums / (M*dp).
+
+Shapes: G global batch sequences, T sequence, E routed experts, R router slots (layers + MTP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megads.model.balance import LoadStats, routers, update_expert_bias
+from megads.model.config import ModelConfig
+from megads.model.router import Router
+from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules, shard_experts
+from megads.parallel.mesh import LayoutPlan, ParallelMesh
+from megads.parallel.stages import DeepseekStage, build_stage_model, embedding_ranks, piece_specs, rank_pieces
+from megads.parallel.zero1 import Zero1AdamW
+from pipeline.actions import Layout
+from pipeline.runtime import PipelineRuntime
+from pipeline.schedules import build_schedule, min_microbatches
+
+
+@dataclass
+class OptimSettings:
+    """AdamW and balancing hyper-parameters the executor needs (from the trainer's optim config)."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    bias_update_speed: float = 1e-3  # gamma of the auxiliary-loss-free balancing
+    bucket_numel: int = 1 << 22
+
+
+@dataclass
+class StepMetrics:
+    loss: float  # total: lm + lambda*mtp + balance (global mean over micro-batches)
+    lm: float
+    mtp: float
+    balance: float
+    grad_norm: float
+    tokens: int
+    expert_load_RE: torch.Tensor  # global token counts per router slot and expert
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def router_slots(model: nn.Module, cfg: ModelConfig) -> dict[int, Router]:
+    """Router of each slot this rank holds: slot i = layer i, slot L+k = MTP depth k+1."""
+    slots: dict[int, Router] = {}
+    for name, layer in model.layers.items():  # type: ignore[union-attr]
+        if isinstance(getattr(layer.mlp, "gate", None), Router):
+            slots[int(name)] = layer.mlp.gate
+    if getattr(model, "mtp", None):
+        for k, mod in model.mtp.items():  # type: ignore[union-attr]
+            if isinstance(getattr(mod.block.mlp, "gate", None), Router):
+                slots[cfg.num_hidden_layers + int(k)] = mod.block.mlp.gate
+    return slots
+
+
+def global_router_names(cfg: ModelConfig) -> dict[str, int]:
+    """Module name of every router of the whole model (as in the single-process model) -> slot."""
+    names = {f"layers.{i}.mlp.gate": i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)}
+    for k in range(cfg.num_nextn_predict_layers):
+        if cfg.is_moe_layer(cfg.num_hidden_layers + k):
+            names[f"mtp.{k}.block.mlp.gate"] = cfg.num_hidden_layers + k
+    return names
+
+
+class ParallelExecutor:
+    """Builds this rank's share of the model and runs training steps on the mesh."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        mesh: ParallelMesh,
+        plan: LayoutPlan,
+        schedule: str = "1f1b",
+        micro_batch_size: int = 1,
+        seed: int = 0,
+        optim: OptimSettings | None = None,
+        zero1: bool = True,
+        moments_dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        param_groups_fn: Any = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.mesh = mesh
+        self.plan = plan
+        self.schedule_name = schedule
+        self.micro_batch_size = micro_batch_size
+        self.optim_settings = optim or OptimSettings()
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        layout = self._layout(num_microbatches=1)
+        if layout.num_pieces != len(plan.stage_layers):
+            raise ValueError(
+                f"schedule {schedule!r} places {layout.num_pieces} pieces but the plan has "
+                f"{len(plan.stage_layers)} stage layer counts; plan with pieces_per_rank="
+                f"{layout.num_pieces // plan.pp}"
+            )
+        specs_all = piece_specs(plan.stage_layers)
+        self.specs = [specs_all[p] for p in rank_pieces(layout, rank=mesh.pp_rank)]
+        self.model = build_stage_model(cfg, specs=self.specs, seed=seed, dtype=dtype).to(self.device)
+        expert_names = set(
+            shard_experts(self.model, group=mesh.ep_group, ep_size=mesh.ep, ep_rank=mesh.ep_rank,
+                          ranks_per_node=plan.ranks_per_node)
+        )
+        self.slots = router_slots(self.model, cfg)
+        self.slot_names = {name: slot for slot, r in self.slots.items() for name, rr in routers(self.model).items() if rr is r}
+        first_rank, last_rank = embedding_ranks(layout)
+        first_ranks, last_ranks = set(layout.piece_ranks(0)), set(layout.piece_ranks(layout.num_pieces - 1))
+        # Replicated pieces (DualPipe): each rank pair holds both ends of the model, the replica
+        # sync sums their gradients, and no separate embedding tie is needed.
+        self.replicas = max(len(layout.piece_ranks(p)) for p in range(layout.num_pieces))
+        tied: list[torch.Tensor] = []
+        if first_ranks != last_ranks and self.model.embed_tokens is not None:
+            tied = [self.model.embed_tokens.weight]
+        named = dict(self.model.named_parameters())
+        experts = [p for n, p in named.items() if n in expert_names]
+        groups = param_groups_fn(self.model) if param_groups_fn is not None else [{"params": list(named.values())}]
+        o = self.optim_settings
+        self.optimizer = Zero1AdamW(
+            groups,
+            lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+            dp_group=mesh.dp_group, edp_group=mesh.edp_group, embed_group=mesh.embed_group,
+            norm_group=mesh.world_group, expert_params=experts, tied_params=tied,
+            count_tied_in_norm=mesh.pp_rank == first_rank, norm_weight=1.0 / self.replicas,
+            max_grad_norm=o.max_grad_norm,
+            moments_dtype=moments_dtype, bucket_numel=o.bucket_numel, shard=zero1,
+        )
+        self._runtimes: dict[int, tuple[PipelineRuntime, DeepseekStage]] = {}
+        self.last_step_result: Any = None
+
+    # ------------------------------------------------------------------ schedule
+    def _layout(self, *, num_microbatches: int) -> Layout:
+        n = max(num_microbatches, min_microbatches(self.schedule_name, pp=self.plan.pp))
+        return build_schedule(self.schedule_name, pp=self.plan.pp, num_microbatches=n).layout
+
+    def _runtime(self, num_microbatches: int, *, mtp_weight: float) -> tuple[PipelineRuntime, DeepseekStage]:
+        if num_microbatches not in self._runtimes:
+            sched = build_schedule(self.schedule_name, pp=self.plan.pp, num_microbatches=num_microbatches)
+            stage = DeepseekStage(
+                self.model, layout=sched.layout, rank=self.mesh.pp_rank, specs=self.specs, pp_group=self.mesh.pp_group,
+                mtp_weight=mtp_weight, grad_scale=1.0 / self.mesh.dp, device=self.device,
+                autocast_dtype=self.autocast_dtype,
+            )
+            counts: dict[int, int] = {}
+            for c in sched.layout.chunks_on(self.mesh.pp_rank):
+                for p in stage.chunk_parameters(c):
+                    counts[id(p)] = counts.get(id(p), 0) + 1
+            self.optimizer.expect_ready_marks(counts)
+            if self.replicas == 1:  # with replicas, gradients are final only after the replica sync
+                stage.on_chunk_grads_final = self.optimizer.mark_ready
+            rt = PipelineRuntime(sched, stage=stage, rank=self.mesh.pp_rank, group=self.mesh.pp_group)
+            self._runtimes[num_microbatches] = (rt, stage)
+        rt, stage = self._runtimes[num_microbatches]
+        stage.mtp_weight = mtp_weight
+        return rt, stage
+
+    # ------------------------------------------------------------------ step
+    def split_batch(self, input_ids_GT: torch.Tensor, labels_GT: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        G = input_ids_GT.shape[0]
+        dp, mbs = self.mesh.dp, self.micro_batch_size
+        if G % (dp * mbs):
+            raise ValueError(
+                f"global batch of {G} sequences is not divisible by dp={dp} x parallel.micro_batch_size={mbs}; "
+                f"use a multiple of {dp * mbs}"
+            )
+        per = G // dp
+        lo = self.mesh.dp_rank * per
+        ids, labels = input_ids_GT[lo : lo + per], labels_GT[lo : lo + per]
+        return [(ids[i : i + mbs], labels[i : i + mbs]) for i in range(0, per, mbs)]
+
+    def step(
+        self, input_ids_GT: torch.Tensor, labels_GT: torch.Tensor, *, mtp_weight: float, lr: float | None = None
+    ) -> StepMetrics:
+        """Forward/backward of the global batch, optimizer step, bias update; same call on every rank."""
+        return self.run_microbatches(self.split_batch(input_ids_GT, labels_GT), mtp_weight=mtp_weight, lr=lr)
+
+    def run(
+        self,
+        micro_batches: Sequence[dict[str, torch.Tensor]],
+        *,
+        lr: float,
+        mtp_weight: float,
+        bias_update_speed: float,
+        loss_scale: float = 1.0,
+    ) -> Any:
+        """The trainer's `StepExecutor` protocol (megads.train.step): this dp rank's micro-batches.
+
+        Every pipeline rank of a data-parallel replica must be given the same micro-batches.
+        `loss_scale` is ignored: this path computes in float32/bfloat16 without loss scaling.
+        """
+        from megads.train.step import StepMetrics as TrainMetrics
+
+        self.optim_settings.bias_update_speed = bias_update_speed
+        mbs = [(mb["input_ids"], mb["labels"]) for mb in micro_batches]
+        m = self.run_microbatches(mbs, mtp_weight=mtp_weight, lr=lr)
+        load = {}
+        for name, slot in global_router_names(self.cfg).items():
+            c = m.expert_load_RE[slot].float()
+            load[name] = LoadStats(max=float(c.max()), mean=float(c.mean()), min=float(c.min()), counts=c)
+        return TrainMetrics(
+            loss=m.loss, lm=m.lm, mtp=m.mtp, balance=m.balance, grad_norm=m.grad_norm,
+            tokens=m.tokens, micro_batches=len(mbs), expert_load=load,
+        )
+
+    def run_microbatches(
+        self, mbs: Sequence[tuple[torch.Tensor, torch.Tensor]], *, mtp_weight: float, lr: float | None = None
+    ) -> StepMetrics:
+        self.model.train()
+        rt, stage = self._runtime(len(mbs), mtp_weight=mtp_weight)
+        for d in self._dispatchers():
+            d.reset_volume()
+        self.last_step_result = rt.step(mbs)
+        if lr is not None:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+        grad_norm = self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        load_RE = self._update_biases()
+        tokens = sum(int(ids.numel()) for ids, _ in mbs)
+        stats = torch.cat([stage.stats, torch.tensor([float(tokens) if self.mesh.is_first_stage else 0.0],
+                                                     dtype=torch.float64)]).to(self.device)
+        dist.all_reduce(stats, group=self.mesh.world_group)
+        stats = stats.cpu()
+        denom = len(mbs) * self.mesh.dp
+        lm, mtp, bal = (stats[:3] / denom).tolist()
+        total = lm + bal + (mtp_weight * mtp if mtp_weight > 0 and self.cfg.num_nextn_predict_layers > 0 else 0.0)
+        return StepMetrics(
+            loss=total, lm=lm, mtp=mtp, balance=bal, grad_norm=grad_norm,
+            tokens=int(stats[3]), expert_load_RE=load_RE,
+            extras={"a2a_rows_sent": sum(d.sent_rows for d in self._dispatchers()),
+                    "a2a_remote_rows_sent": sum(d.sent_remote_rows for d in self._dispatchers()),
+                    "max_nodes_per_token": max([d.max_nodes_per_token for d in self._dispatchers()], default=0)},
+        )
+
+    def _dispatchers(self) -> list[AllToAllDispatcher]:
+        return [m.dispatcher for m in moe_modules(self.model) if isinstance(m.dispatcher, AllToAllDispatcher)]
+
+    @torch.no_grad()
+    def _update_biases(self) -> torch.Tensor:
+        """`megads.model.balance.update_expert_bias` with one world all-reduce of [R, E] counts.
+
+        This rank's routers fill their slots of a world-sized [R, E] table; the world sum is the
+        dp sum for each slot (each router lives on one stage), so every stage gets the counts of
+        its own routers for the bias update and rank 0 gets the load of every layer for logging.
+        """
+        R = self.cfg.num_hidden_layers + self.cfg.num_nextn_predict_layers
+        load_RE = torch.zeros(R, max(1, self.cfg.n_routed_experts), dtype=torch.float32, device=self.device)
+        names = list(routers(self.model))
+        rows = [self.slot_names[n] for n in names]
+
+        def all_reduce(counts_rE: torch.Tensor) -> None:
+            load_RE[rows] = counts_rE.to(load_RE.device)
+            dist.all_reduce(load_RE, group=self.mesh.world_group)
+            counts_rE.copy_(load_RE[rows])
+
+        if names:
+            update_expert_bias(self.model, gamma=self.optim_settings.bias_update_speed, all_reduce=all_reduce)
+        else:
+            dist.all_reduce(load_RE, group=self.mesh.world_group)
+        return load_RE.cpu()
+
+    # ------------------------------------------------------------------ introspection
+    def global_named_parameters(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """name -> (tensor, first global expert index of the slice along dim 0; 0 for non-experts)."""
+        out: dict[str, tuple[torch.Tensor, int]] = {}
+        for name, p in self.model.named_parameters():
+            start = 0
+            if ".experts." in name and self.mesh.ep > 1:
+                start = self.mesh.ep_rank * p.shape[0]
+            out[name] = (p.detach(), start)
+        return out
+
+    def biases(self) -> dict[int, torch.Tensor]:
+        return {slot: r.e_score_correction_bias.detach().clone() for slot, r in self.slots.items()}

@@ -1,0 +1,268 @@
+"""Expert parallelism: routed experts sharded over the ep group, tokens moved by all-to-all.
+
+Rank r of an ep group of size P holds experts [r*E/P, (r+1)*E/P) of every MoE layer
+(`shard_experts` rebuilds each `RoutedExperts` with its E/P experts and swaps the MoE's
+`dispatcher`). `AllToAllDispatcher` implements `megads.model.dispatch.TokenDispatcher`:
+
+    dispatch (token, k) pairs, N*K of them:
+      1. stable sort of the pairs by global expert id -> rows grouped by destination rank, then
+         by that rank's local expert
+      2. exchange of per-(rank, local expert) counts (an all-to-all of P x E/P integers)
+      3. `all_to_all_single` of the rows with uneven splits (autograd: backward = reverse all-to-all)
+      4. received rows come grouped (source rank, local expert); permute them to
+         (local expert, source rank) so each local expert runs once on a contiguous slice
+    combine: the inverse of 4, the reverse all-to-all, the inverse of 1 -> y_NKD; the MoE then
+    takes the gate-weighted sum (dropless: every pair goes and comes back).
+
+Both directions can run as two steps, `*_start` (returns a handle whose all-to-all is in flight,
+`async_op=True`) and `handle.wait()`, so a schedule can overlap the exchange with other compute;
+`dispatch`/`combine` are the synchronous composition the MoE module calls. Backward all-to-alls
+run synchronously inside autograd. A DeepEP backend would be another class with these methods.
+
+Node-limited routing needs no code here: with n_group expert groups laid out so that a group
+never straddles two nodes (checked by `plan_layout`), the router's group-limited top-k
+(topk_group = M) sends a token to at most M nodes. `nodes_reached` measures it.
+
+Shapes: N tokens, K top-k, D hidden, M rows this rank's experts receive, S rows this rank sends
+(S = N*K), P ep ranks, L local experts (E/P).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megads.model.dispatch import DispatchResult
+from megads.model.moe import MoE
+
+
+@dataclass
+class _Pending:
+    """An asynchronous all-to-all in flight: its work handle and the buffers it uses."""
+
+    work: Any = None
+    keep: list[torch.Tensor] = field(default_factory=list)
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        self.keep.clear()
+
+
+class _AllToAll(torch.autograd.Function):
+    """`all_to_all_single` of rows with uneven splits; backward is the reverse all-to-all."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x_SD: torch.Tensor,
+        out_splits: list[int],
+        in_splits: list[int],
+        group: dist.ProcessGroup | None,
+        pending: _Pending,
+    ) -> torch.Tensor:
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        x_SD = x_SD.contiguous()
+        out_MD = x_SD.new_empty((sum(out_splits), *x_SD.shape[1:]))
+        pending.work = dist.all_to_all_single(
+            out_MD, x_SD, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group, async_op=True
+        )
+        pending.keep.append(x_SD)
+        return out_MD
+
+    @staticmethod
+    def backward(ctx: Any, grad_MD: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        grad_MD = grad_MD.contiguous()
+        grad_SD = grad_MD.new_empty((sum(ctx.in_splits), *grad_MD.shape[1:]))
+        dist.all_to_all_single(
+            grad_SD, grad_MD, output_split_sizes=ctx.in_splits, input_split_sizes=ctx.out_splits, group=ctx.group
+        )
+        return grad_SD, None, None, None, None
+
+
+def all_to_all_rows(
+    x_SD: torch.Tensor,
+    *,
+    out_splits: list[int],
+    in_splits: list[int],
+    group: dist.ProcessGroup | None,
+) -> tuple[torch.Tensor, _Pending]:
+    """Start a differentiable uneven all-to-all of rows; read the result only after `pending.wait()`."""
+    pending = _Pending()
+    out = _AllToAll.apply(x_SD, out_splits, in_splits, group, pending)
+    return out, pending
+
+
+@dataclass
+class DispatchHandle:
+    """A dispatch in flight; `wait()` returns the `DispatchResult` for the local experts."""
+
+    rows_MD: torch.Tensor  # received rows, (source rank, local expert) order; valid after the wait
+    pending: _Pending
+    perm_M: torch.Tensor  # received row order -> (local expert, source rank) order
+    counts: list[int]
+    state: dict[str, Any]
+
+    def wait(self) -> DispatchResult:
+        self.pending.wait()
+        x_MD = self.rows_MD.index_select(0, self.perm_M)
+        return DispatchResult(x_MD=x_MD, counts=self.counts, state=self.state)
+
+
+@dataclass
+class CombineHandle:
+    """A combine in flight; `wait()` returns the expert outputs in (token, k) order, [N, K, D]."""
+
+    rows_SD: torch.Tensor  # returned rows in sorted (expert id) order; valid after the wait
+    pending: _Pending
+    state: dict[str, Any]
+
+    def wait(self) -> torch.Tensor:
+        self.pending.wait()
+        st = self.state
+        y_SD = self.rows_SD.index_select(0, st["unsort_S"])
+        return y_SD.view(st["N"], st["K"], y_SD.shape[-1])
+
+
+class AllToAllDispatcher:
+    """Token dispatcher over an expert-parallel group (see the module docstring)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        *,
+        group: dist.ProcessGroup | None,
+        ep_size: int,
+        ep_rank: int,
+        ranks_per_node: int | None = None,
+    ) -> None:
+        if num_experts % ep_size:
+            raise ValueError(f"n_routed_experts={num_experts} is not divisible by ep={ep_size}")
+        self.num_experts = num_experts
+        self.group = group
+        self.ep_size = ep_size
+        self.ep_rank = ep_rank
+        self.num_local_experts = num_experts // ep_size
+        self.ranks_per_node = ranks_per_node or ep_size
+        # Rows this rank sent in dispatch since the last `reset_volume` (for the benchmark).
+        self.sent_rows = 0
+        self.sent_remote_rows = 0
+        self.max_nodes_per_token = 0  # most nodes one token reached since the last reset
+
+    def reset_volume(self) -> None:
+        self.sent_rows = 0
+        self.sent_remote_rows = 0
+        self.max_nodes_per_token = 0
+
+    # -- dispatch ---------------------------------------------------------------------------------
+    def dispatch_start(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor) -> DispatchHandle:
+        N, K = topk_idx_NK.shape
+        P, L = self.ep_size, self.num_local_experts
+        flat_S = topk_idx_NK.reshape(-1)
+        sort_S = torch.argsort(flat_S, stable=True)
+        unsort_S = torch.empty_like(sort_S)
+        unsort_S[sort_S] = torch.arange(sort_S.numel(), device=sort_S.device)
+        send_counts_PL = torch.bincount(flat_S, minlength=self.num_experts).view(P, L)
+        recv_counts_PL = torch.empty_like(send_counts_PL)
+        # counts: row p of send_counts goes to rank p; received row p came from rank p.
+        dist.all_to_all_single(recv_counts_PL.view(-1), send_counts_PL.reshape(-1).contiguous(), group=self.group)
+        send_counts = send_counts_PL.tolist()
+        recv_counts = recv_counts_PL.tolist()
+        in_splits = [sum(r) for r in send_counts]
+        out_splits = [sum(r) for r in recv_counts]
+        self.sent_rows += sum(in_splits)
+        self.sent_remote_rows += sum(in_splits) - in_splits[self.ep_rank]
+        if N and self.ranks_per_node < self.ep_size:
+            self.max_nodes_per_token = max(self.max_nodes_per_token, int(self.nodes_reached(topk_idx_NK).max()))
+        x_SD = x_ND.index_select(0, sort_S // K)
+        rows_MD, pending = all_to_all_rows(x_SD, out_splits=out_splits, in_splits=in_splits, group=self.group)
+        # Received blocks are (source p, local expert l) with recv_counts[p][l] rows; sort by (l, p).
+        recv_PL = torch.tensor(recv_counts, dtype=torch.long, device=x_ND.device)
+        key_PL = torch.arange(L, device=x_ND.device).unsqueeze(0) * P + torch.arange(P, device=x_ND.device).unsqueeze(1)
+        key_M = torch.repeat_interleave(key_PL.reshape(-1), recv_PL.reshape(-1))
+        perm_M = torch.argsort(key_M, stable=True)
+        counts = recv_PL.sum(0).tolist()
+        state = {
+            "N": N, "K": K, "unsort_S": unsort_S, "perm_M": perm_M,
+            "in_splits": in_splits, "out_splits": out_splits,
+        }
+        return DispatchHandle(rows_MD=rows_MD, pending=pending, perm_M=perm_M, counts=counts, state=state)
+
+    def dispatch(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor) -> DispatchResult:
+        return self.dispatch_start(x_ND, topk_idx_NK).wait()
+
+    # -- combine ----------------------------------------------------------------------------------
+    def combine_start(self, y_MD: torch.Tensor, result: DispatchResult) -> CombineHandle:
+        st = result.state
+        perm_M = st["perm_M"]
+        inv_M = torch.empty_like(perm_M)
+        inv_M[perm_M] = torch.arange(perm_M.numel(), device=perm_M.device)
+        y_back_MD = y_MD.index_select(0, inv_M)  # (local expert, source) -> (source, local expert)
+        rows_SD, pending = all_to_all_rows(
+            y_back_MD, out_splits=st["in_splits"], in_splits=st["out_splits"], group=self.group
+        )
+        return CombineHandle(rows_SD=rows_SD, pending=pending, state=st)
+
+    def combine(self, y_MD: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        return self.combine_start(y_MD, result).wait()
+
+    # -- diagnostics ------------------------------------------------------------------------------
+    def nodes_reached(self, topk_idx_NK: torch.Tensor) -> torch.Tensor:
+        """Number of distinct nodes each token's experts live on, [N]."""
+        experts_per_node = self.num_local_experts * min(self.ranks_per_node, self.ep_size)
+        node_NK = topk_idx_NK // experts_per_node
+        n_nodes = max(1, self.num_experts // experts_per_node)
+        onehot = torch.zeros(topk_idx_NK.shape[0], n_nodes, dtype=torch.bool, device=topk_idx_NK.device)
+        onehot.scatter_(1, node_NK, True)
+        return onehot.sum(1)
+
+
+def moe_modules(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+@torch.no_grad()
+def shard_experts(
+    model: nn.Module,
+    *,
+    group: dist.ProcessGroup | None,
+    ep_size: int,
+    ep_rank: int,
+    ranks_per_node: int | None = None,
+) -> list[str]:
+    """Keep this rank's E/ep experts in every MoE of `model` and install the all-to-all dispatcher.
+
+    Returns the names of the expert parameters (which ZeRO-1 shards over the expert-data-parallel
+    group). With ep_size == 1 the experts stay whole and the local dispatcher is kept.
+    """
+    names: list[str] = []
+    for mod_name, moe in model.named_modules():
+        if not isinstance(moe, MoE):
+            continue
+        old = moe.experts
+        if ep_size > 1:
+            E = old.num_experts
+            L = E // ep_size
+            lo = ep_rank * L
+            old.num_experts = L
+            for sub in ("gate_up_proj", "down_proj"):
+                lin = getattr(old, sub)
+                w = lin.weight
+                lin.weight = nn.Parameter(w.data[lo : lo + L].clone(), requires_grad=w.requires_grad)
+                lin.num = L
+            moe.dispatcher = AllToAllDispatcher(
+                E, group=group, ep_size=ep_size, ep_rank=ep_rank, ranks_per_node=ranks_per_node
+            )
+        prefix = f"{mod_name}.experts." if mod_name else "experts."
+        names.extend(prefix + n for n, _ in moe.experts.named_parameters())
+    return names
+
+
+def is_expert_param_name(name: str) -> bool:
+    """Routed-expert parameters (sharded over ep, ZeRO-1 over edp) by their module path."""
+    return ".experts.gate_up_proj." in f".{name}" or ".experts.down_proj." in f".{name}"

@@ -1,0 +1,166 @@
+"""Checkpoints: atomic step folders and automatic resume.
+
+Layout (format version 1; torch.save files, one file per rank for per-rank state):
+
+    <checkpoint dir>/step_00000100/
+        meta.json        written last by rank 0: format, step, tokens, world size, time, and a
+                         fingerprint of what a resume must keep (model, data, seq_len, micro-batch)
+        model.pt         rank 0: model.state_dict() (router selection biases included: they are
+                         persistent buffers); identical on every data-parallel replica
+        optim.pt         rank 0: optimizer.state_dict() (AdamW moments and step counts)
+        rank_00000.pt    every rank: its data-loader state and RNG states (torch, cuda, python, numpy)
+
+Atomicity: every rank writes into `step_XXXXXXXX.tmp`, all ranks meet at a barrier, then rank 0
+writes meta.json and renames the folder to its final name (one `os.replace`), and a second
+barrier releases the ranks. A folder without meta.json or with a `.tmp` suffix is never loaded,
+so an interrupted save leaves the previous checkpoint as the latest. The checkpoint folder
+must be on a file system every rank sees (a single node, or a shared file system).
+
+This is the replicated-data-parallel format of the local executor. Sharded layouts (ZeRO-1,
+pipeline, expert parallel) are expected to move to torch.distributed.checkpoint; `load`
+refuses a checkpoint written with a different world size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The completed step folder with the highest step, or None."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for child in root.iterdir():
+        m = _STEP_RE.match(child.name)
+        if m and (child / "meta.json").is_file():
+            step = int(m.group(1))
+            if best is None or step > best[0]:
+                best = (step, child)
+    return best[1] if best else None
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    *,
+    step: int,
+    tokens: float,
+    rank: int,
+    world_size: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader_state: Any,
+    keep_last: int,
+    fingerprint: str = "",
+) -> Path:
+    """Collective: every rank calls it. Returns the final folder.
+
+    `fingerprint` identifies what a resume must not change (model, data, seq_len, micro-batch).
+    """
+    root = Path(ckpt_dir)
+    final = root / step_dir_name(step)
+    tmp = root / (step_dir_name(step) + ".tmp")
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    torch.save({"loader": loader_state, "rng": rng_state()}, tmp / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        torch.save(optimizer.state_dict(), tmp / "optim.pt")
+    _barrier()
+    if rank == 0:
+        meta = {
+            "format": FORMAT_VERSION, "step": step, "tokens": tokens, "world_size": world_size,
+            "fingerprint": fingerprint, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        meta_tmp = tmp / "meta.json.tmp"
+        meta_tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(meta_tmp, tmp / "meta.json")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last > 0:
+            done = sorted(p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / "meta.json").is_file())
+            for old in done[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    rank: int,
+    world_size: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> dict[str, Any]:
+    """Load model and optimizer state; return {step, tokens, loader, rng} for this rank."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{path}: not a completed checkpoint (no meta.json); point checkpoint.resume at a step_* folder")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
+    if meta["world_size"] != world_size:
+        raise ValueError(
+            f"{meta_path}: written by {meta['world_size']} ranks, resumed with {world_size}; resume with the "
+            "same number of ranks (per-rank data-loader state), or start a new run_dir"
+        )
+    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=False))
+    optimizer.load_state_dict(torch.load(path / "optim.pt", map_location="cpu", weights_only=False))
+    per_rank = torch.load(path / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)
+    return {
+        "step": int(meta["step"]), "tokens": float(meta["tokens"]), "loader": per_rank["loader"],
+        "rng": per_rank["rng"],
+    }

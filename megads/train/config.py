@@ -1,0 +1,243 @@
+"""Structured configs of the trainer (Hydra groups model, data, optim, schedule, parallel, logging).
+
+Every group is a dataclass registered in Hydra's ConfigStore, and the root schema
+`train_schema` types the whole tree, so a misspelt key fails at composition. `data` is the one
+untyped node: it is typed when the trainer resolves it (`megads.train.data_source`), because
+its schema depends on the source (built-in token files or the byte-level fallback).
+
+Quantities the DeepSeek-V3 report gives in tokens are configured in tokens (floats, so that
+`1.48e13` reads naturally in YAML); the warmup is in optimizer steps, as in the report.
+
+`validate_config` runs before any process group starts and collects every problem into one
+`ConfigError` that names the field and says what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from megads.model.config import ModelConfig
+from megads.parallel.config import ParallelConfig
+
+
+class ConfigError(ValueError):
+    """A user error in the training configuration (the message says what to change)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (torch.optim.AdamW). Decay follows Megatron-LM: every 1-D parameter (RMSNorm
+    weights, biases) is excluded from weight decay; matrices, the embedding and the output
+    head are decayed (set `decay_embedding: false` to exclude the embedding table too)."""
+
+    name: str = "adamw"
+    lr: float = 2.2e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # end of the cosine decay = lr * min_lr_ratio (SPEC: 2.2e-5)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embedding: bool = True
+    clip_grad: float = 1.0  # global gradient-norm clipping; 0 disables
+    fused: bool | None = None  # None = fused kernel on CUDA, the foreach one on CPU
+
+
+@dataclass
+class LrStage:
+    """A constant tail of the LR schedule: `lr` for `tokens` tokens."""
+
+    tokens: float = 0.0
+    lr: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    """The token-based training recipe (defaults = DeepSeek-V3, SPEC.md)."""
+
+    # learning rate: linear 0 -> optim.lr over warmup_steps, constant until constant_tokens
+    # (absolute token position), cosine to optim.lr * min_lr_ratio over decay_tokens, then tails
+    warmup_steps: int = 2000
+    constant_tokens: float = 10e12
+    decay_tokens: float = 4.3e12
+    lr_tails: list[LrStage] = field(
+        default_factory=lambda: [LrStage(tokens=333e9, lr=2.2e-5), LrStage(tokens=167e9, lr=7.3e-6)]
+    )
+    # global batch in sequences: batch_start -> batch_end linearly over batch_ramp_tokens, rounded
+    # down to a multiple of micro_batch_size * data-parallel size
+    batch_start: int = 3072
+    batch_end: int = 15360
+    batch_ramp_tokens: float = 469e9
+    # auxiliary-loss-free balancing speed gamma, 0 from bias_update_stop_tokens on
+    bias_update_speed: float = 0.001
+    bias_update_stop_tokens: float = 14.3e12
+    # MTP loss weight lambda: mtp_weight, then mtp_weight_after from mtp_weight_switch_tokens on
+    mtp_weight: float = 0.3
+    mtp_weight_after: float = 0.1
+    mtp_weight_switch_tokens: float = 10e12
+    # run length: exactly one of train_tokens (> 0) and train_steps (> 0)
+    train_tokens: float = 14.8e12
+    train_steps: int = 0
+
+
+@dataclass
+class WandbConfig:
+    # auto = online when WANDB_API_KEY is set, else offline. The WANDB_MODE environment
+    # variable, when set, overrides this field.
+    mode: str = "auto"  # auto | online | offline | disabled
+    project: str = "megads"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    init_timeout_s: float = 60.0
+
+
+@dataclass
+class LoggingConfig:
+    console_every: int = 10  # steps between console lines (rank 0, global figures)
+    wandb_every: int = 1  # steps between wandb records
+    run_name: str | None = None  # None = "<model>-<schedule>" from the Hydra choices
+    loss_png: bool = True  # loss curve PNG in the run folder at the end
+    expert_load_png: bool = True  # expert-load imbalance PNG in the run folder at the end
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # None = <run_dir>/checkpoints
+    every_steps: int = 0  # 0 = only at the end
+    keep_last: int = 2  # completed checkpoints kept (older ones deleted); 0 = keep all
+    at_end: bool = True
+    resume: str = "auto"  # auto = latest checkpoint in dir, if any | never | <path of a step_* dir>
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: Any = field(default_factory=dict)  # typed by megads.train.data_source.resolve_data_config
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 1234
+    precision: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 (autocast, fp32 master weights)
+    seq_len: int = 4096
+    run_dir: str | None = None  # None = outputs/<logging.run_name>
+    device: str = "auto"  # auto (cuda:<local rank> when available, else cpu) | cpu | cuda
+
+
+def register_configs() -> None:
+    """Register the root schema and each group's schema with Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="optim", name="optim_schema", node=OptimConfig)
+    cs.store(group="schedule", name="schedule_schema", node=ScheduleConfig)
+    cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
+    cs.store(group="logging", name="logging_schema", node=LoggingConfig)
+
+
+def to_train_config(cfg: Any) -> TrainConfig:
+    """A composed DictConfig (or plain dict) -> TrainConfig, rejecting unknown keys."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid training config: {e}") from None
+    assert isinstance(obj, TrainConfig)
+    return obj
+
+
+_PRECISIONS = ("auto", "fp32", "bf16")
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
+    """Check every group and their relations before any process group starts."""
+    from megads.train.schedule import plan_run
+
+    errors: list[str] = []
+    from megads.train.data_source import resolve_data_config
+
+    for check in (
+        lambda: cfg.model.validate(),
+        lambda: cfg.parallel.validate(world_size=world_size, model=cfg.model),
+        lambda: resolve_data_config(cfg.data),
+    ):
+        try:
+            check()
+        except ValueError as e:
+            errors.append(str(e))
+    o, s = cfg.optim, cfg.schedule
+    if o.name != "adamw":
+        errors.append(f"optim.name={o.name!r}: only 'adamw' is implemented")
+    if not o.lr > 0:
+        errors.append(f"optim.lr={o.lr} must be > 0")
+    if not 0 <= o.min_lr_ratio <= 1:
+        errors.append(f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        errors.append(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+    if o.eps <= 0 or o.weight_decay < 0 or o.clip_grad < 0:
+        errors.append(
+            f"optim.eps={o.eps} must be > 0, optim.weight_decay={o.weight_decay} and "
+            f"optim.clip_grad={o.clip_grad} >= 0"
+        )
+    if cfg.precision not in _PRECISIONS:
+        errors.append(f"precision={cfg.precision!r} must be one of {list(_PRECISIONS)}")
+    if cfg.device not in _DEVICES:
+        errors.append(f"device={cfg.device!r} must be one of {list(_DEVICES)}")
+    if cfg.seq_len < 2:
+        errors.append(f"seq_len={cfg.seq_len} must be >= 2")
+    elif cfg.model.rope_scaling is None and cfg.seq_len > cfg.model.max_position_embeddings:
+        errors.append(
+            f"seq_len={cfg.seq_len} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}; "
+            "lower seq_len or raise max_position_embeddings (or configure model.rope_scaling)"
+        )
+    if s.warmup_steps < 0:
+        errors.append(f"schedule.warmup_steps={s.warmup_steps} must be >= 0")
+    if s.constant_tokens < 0 or s.decay_tokens < 0 or s.batch_ramp_tokens < 0:
+        errors.append("schedule.constant_tokens, decay_tokens and batch_ramp_tokens must be >= 0")
+    for i, stage in enumerate(s.lr_tails):
+        if stage.tokens <= 0 or stage.lr < 0:
+            errors.append(f"schedule.lr_tails[{i}]={stage} needs tokens > 0 and lr >= 0")
+    if (s.train_tokens > 0) == (s.train_steps > 0):
+        errors.append(
+            f"schedule.train_tokens={s.train_tokens} and schedule.train_steps={s.train_steps}: set exactly "
+            "one of them > 0 (e.g. schedule.train_tokens=0 schedule.train_steps=300)"
+        )
+    if s.bias_update_speed < 0 or s.mtp_weight < 0 or s.mtp_weight_after < 0:
+        errors.append("schedule.bias_update_speed, mtp_weight and mtp_weight_after must be >= 0")
+    lg, ck = cfg.logging, cfg.checkpoint
+    if lg.console_every < 1 or lg.wandb_every < 1:
+        errors.append(f"logging.console_every={lg.console_every} and wandb_every={lg.wandb_every} must be >= 1")
+    if lg.wandb.mode not in ("auto", "online", "offline", "disabled"):
+        errors.append(f"logging.wandb.mode={lg.wandb.mode!r} must be auto, online, offline or disabled")
+    if ck.every_steps < 0 or ck.keep_last < 0:
+        errors.append(f"checkpoint.every_steps={ck.every_steps} and keep_last={ck.keep_last} must be >= 0")
+    if not errors:
+        dp = cfg.parallel.data_parallel_size(world_size=world_size)
+        multiple = cfg.parallel.micro_batch_size * dp
+        for name, value in (("batch_start", s.batch_start), ("batch_end", s.batch_end)):
+            if value < multiple or value % multiple:
+                lo = max(multiple, value // multiple * multiple)
+                errors.append(
+                    f"schedule.{name}={value} sequences must be a positive multiple of parallel.micro_batch_size"
+                    f"({cfg.parallel.micro_batch_size}) x data-parallel size({dp}) = {multiple}; "
+                    f"e.g. {lo} or {lo + multiple}, or change parallel.micro_batch_size / the number of ranks"
+                )
+        if s.batch_end < s.batch_start:
+            errors.append(f"schedule.batch_end={s.batch_end} must be >= schedule.batch_start={s.batch_start}")
+    if not errors:
+        plan = plan_run(s, seq_len=cfg.seq_len, multiple=multiple)
+        if plan.warmup_end_tokens > s.constant_tokens and s.warmup_steps > 0:
+            errors.append(
+                f"the {s.warmup_steps} warmup steps end at {plan.warmup_end_tokens:.4g} tokens, after "
+                f"schedule.constant_tokens={s.constant_tokens:.4g}; raise constant_tokens or lower warmup_steps"
+            )
+    if errors:
+        raise ConfigError("invalid training config:\n  - " + "\n  - ".join(errors))

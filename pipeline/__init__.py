@@ -1,0 +1,42 @@
+"""Pipeline-parallel schedules for megads: one action language, five generators, one runtime.
+
+    from pipeline import build_schedule, PipelineRuntime, ModuleStage, validate
+    sched = build_schedule("dualpipev", pp=4, num_microbatches=8)   # validated per-rank action lists
+    runtime = PipelineRuntime(sched, stage=stage, rank=pp_rank, group=pp_group)
+    result = runtime.step(microbatches)
+
+See docs/pipeline.md for the language, the schedules and their bubbles, the stage protocol and
+how a model plugs in.
+"""
+
+from pipeline.actions import Action, ChunkInfo, Layout, Op, Schedule
+from pipeline.module_stage import ModuleStage
+from pipeline.runtime import PipelineRuntime, StepResult
+from pipeline.schedules import SCHEDULES, analytic_bubble, build_schedule, min_microbatches
+from pipeline.stage import BackwardArgs, ForwardArgs, PipelineStage, StageBase, TensorMeta
+from pipeline.validate import Costs, ScheduleError, SimResult, simulate, validate
+
+__all__ = [
+    "SCHEDULES",
+    "Action",
+    "BackwardArgs",
+    "ChunkInfo",
+    "Costs",
+    "ForwardArgs",
+    "Layout",
+    "ModuleStage",
+    "Op",
+    "PipelineRuntime",
+    "PipelineStage",
+    "Schedule",
+    "ScheduleError",
+    "SimResult",
+    "StageBase",
+    "StepResult",
+    "TensorMeta",
+    "analytic_bubble",
+    "build_schedule",
+    "min_microbatches",
+    "simulate",
+    "validate",
+]
