@@ -65,7 +65,7 @@ class StepMetrics:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def router_slots(model: nn.Module, cfg: ModelConfig) -> dict[int, Router]:
+def router_slots(model: nn.Module, *, cfg: ModelConfig) -> dict[int, Router]:
     """Router of each slot this rank holds: slot i = layer i, slot L+k = MTP depth k+1."""
     slots: dict[int, Router] = {}
     for name, layer in model.layers.items():  # type: ignore[union-attr]
@@ -129,7 +129,7 @@ class ParallelExecutor:
             shard_experts(self.model, group=mesh.ep_group, ep_size=mesh.ep, ep_rank=mesh.ep_rank,
                           ranks_per_node=plan.ranks_per_node)
         )
-        self.slots = router_slots(self.model, cfg)
+        self.slots = router_slots(self.model, cfg=cfg)
         self.slot_names = {name: slot for slot, r in self.slots.items() for name, rr in routers(self.model).items() if rr is r}
         first_rank, last_rank = embedding_ranks(layout)
         first_ranks, last_ranks = set(layout.piece_ranks(0)), set(layout.piece_ranks(layout.num_pieces - 1))

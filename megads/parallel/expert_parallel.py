@@ -262,7 +262,3 @@ def shard_experts(
         names.extend(prefix + n for n, _ in moe.experts.named_parameters())
     return names
 
-
-def is_expert_param_name(name: str) -> bool:
-    """Routed-expert parameters (sharded over ep, ZeRO-1 over edp) by their module path."""
-    return ".experts.gate_up_proj." in f".{name}" or ".experts.down_proj." in f".{name}"

@@ -102,7 +102,7 @@ def reference_run(
         model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
         foreach=False,
     )
-    slots = router_slots(model, cfg)
+    slots = router_slots(model, cfg=cfg)
     losses = []
     for ids_GT, labels_GT in batches:
         G = ids_GT.shape[0]

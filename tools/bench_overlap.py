@@ -1,0 +1,172 @@
+"""F&B overlap of the DeepSeek stage with real gloo all-to-alls: overlapped pair vs F then B.
+
+Two gloo ranks, ep = 2, pp = 1, a small DeepSeek model (dense first layer, MoE layers, MTP).
+`DeepseekOverlapStage` holds one chunk; each timed iteration runs the forward of micro-batch 1
+and the full backward of micro-batch 0, either one after the other (the peer: `forward` then
+`backward_full`) or as one F&B action (`forward_backward_overlapped`, sub-steps interleaved at
+the all-to-alls). Both ranks start each timed region at a barrier; the figure is the median
+over iterations of the slower rank.
+
+`--latency-ms L` adds a network latency to every all-to-all (dispatch, combine and their
+backward): the real gloo exchange runs, and its handle completes no earlier than L after the
+issue. That models a link slower than this machine's loopback while the compute stays real;
+with L = 0 only the real gloo exchange over loopback is timed. Expected: sequential ~ C + A,
+overlapped -> max(C, A), where C is the pair's compute (sequential time at L = 0) and A the
+summed latency of its all-to-alls (4 per MoE block per pair).
+
+    .venv/bin/python -m tools.bench_overlap --latency-ms 0 10 --iters 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import megads.parallel.overlap_stage as overlap_stage
+from megads.model.config import ModelConfig
+from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules, shard_experts
+from megads.parallel.harness import spawn
+from megads.parallel.overlap_stage import DeepseekOverlapStage
+from megads.parallel.stages import build_stage_model, piece_specs
+from pipeline.schedules import build_schedule
+from pipeline.stage import BackwardArgs, ForwardArgs
+
+
+def bench_config(*, hidden: int, layers: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden,
+        num_hidden_layers=layers, num_attention_heads=4, n_shared_experts=1, n_routed_experts=8,
+        kv_lora_rank=64, q_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+        n_group=4, topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
+        max_position_embeddings=1024, num_nextn_predict_layers=1, initializer_range=0.02,
+        seq_aux_loss_alpha=0.001,
+    )
+
+
+class _Delayed:
+    """A handle that completes no earlier than `latency_s` after its issue (and after the real work)."""
+
+    def __init__(self, inner: Any, latency_s: float) -> None:
+        self.inner = inner
+        self.deadline = time.perf_counter() + latency_s
+
+    def wait(self) -> Any:
+        out = self.inner.wait()
+        left = self.deadline - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+        return out
+
+
+def _add_latency(dispatchers: list[AllToAllDispatcher], latency: dict[str, float]) -> None:
+    """Delay every all-to-all handle the stage uses (forward: dispatcher; backward: all_to_all_rows)
+    by `latency["s"]` seconds (read at each issue)."""
+    for d in dispatchers:
+        for name in ("dispatch_start", "combine_start"):
+            orig = getattr(d, name)
+
+            def delayed(*a: Any, _orig: Any = orig, **k: Any) -> Any:
+                h = _orig(*a, **k)
+                h.pending = _Delayed(h.pending, latency["s"])
+                return h
+
+            setattr(d, name, delayed)
+    rows = overlap_stage.all_to_all_rows
+
+    def delayed_rows(*a: Any, **k: Any) -> Any:
+        out, pending = rows(*a, **k)
+        return out, _Delayed(pending, latency["s"])
+
+    overlap_stage.all_to_all_rows = delayed_rows  # type: ignore[assignment]
+
+
+def worker(rank: int, world: int, args: dict[str, Any], outpath: str) -> None:
+    cfg = bench_config(hidden=args["hidden"], layers=args["layers"])
+    sched = build_schedule("1f1b", pp=1, num_microbatches=2)
+    specs = piece_specs([cfg.num_hidden_layers])
+    model = build_stage_model(cfg, specs=specs, seed=0)
+    shard_experts(model, group=None, ep_size=world, ep_rank=rank)
+    model.train()
+    stage = DeepseekOverlapStage(
+        model, layout=sched.layout, rank=0, specs=specs, pp_group=None, mtp_weight=0.3, grad_scale=1.0 / world
+    )
+    g = torch.Generator().manual_seed(100 + rank)
+    mbs = []
+    for _ in range(2):
+        tok = torch.randint(0, cfg.vocab_size, (args["batch"], args["seq"] + 1), generator=g)
+        mbs.append((tok[:, :-1].contiguous(), tok[:, 1:].contiguous()))
+    grad_y = torch.tensor(0.5)
+    dispatchers = [m.dispatcher for m in moe_modules(model) if isinstance(m.dispatcher, AllToAllDispatcher)]
+    n_moe = len(dispatchers)
+    rows: list[dict[str, Any]] = []
+    latency = {"s": 0.0}
+    _add_latency(dispatchers, latency)
+    for latency_ms in args["latencies"]:
+        latency["s"] = latency_ms / 1000.0
+        times: dict[str, list[float]] = {"sequential": [], "overlapped": []}
+        for it in range(args["iters"] + 1):
+            for mode in ("sequential", "overlapped"):
+                stage.begin_step(microbatches=mbs, num_microbatches=2)
+                stage.forward(0, 0, None)
+                dist.barrier()
+                t0 = time.perf_counter()
+                if mode == "sequential":
+                    stage.forward(0, 1, None)
+                    stage.backward_full(0, 0, grad_y)
+                else:
+                    stage.forward_backward_overlapped(ForwardArgs(0, 1, None), BackwardArgs(0, 0, grad_y))
+                dt = torch.tensor([time.perf_counter() - t0])
+                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+                stage.backward_full(0, 1, grad_y)
+                stage.end_step()
+                model.zero_grad(set_to_none=True)
+                if it:  # the first iteration warms up
+                    times[mode].append(float(dt))
+        seq = statistics.median(times["sequential"])
+        ovl = statistics.median(times["overlapped"])
+        rows.append({"latency_ms": latency_ms, "sequential_s": seq, "overlapped_s": ovl,
+                     "a2a_per_pair": 4 * n_moe, "moe_blocks": n_moe})
+        if rank == 0:
+            print(f"latency {latency_ms:5.1f} ms/a2a  sequential {seq * 1e3:8.1f} ms  overlapped {ovl * 1e3:8.1f} ms  "
+                  f"overlapped/sequential {ovl / seq:.3f}", flush=True)
+    if rank == 0:
+        tmp = outpath + ".tmp"
+        Path(tmp).write_text(json.dumps({"args": args, "rows": rows}, indent=1))
+        os.replace(tmp, outpath)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=3, help="transformer layers (the first is dense)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--latency-ms", type=float, nargs="+", default=[0.0])
+    ap.add_argument("--out", default="outputs/bench_overlap.json")
+    a = ap.parse_args()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    args = {"hidden": a.hidden, "layers": a.layers, "batch": a.batch, "seq": a.seq, "iters": a.iters,
+            "latencies": sorted(a.latency_ms)}
+    spawn(2, worker, args, a.out)
+    res = json.loads(Path(a.out).read_text())
+    base = next((r for r in res["rows"] if r["latency_ms"] == 0), None)
+    c = base["sequential_s"] if base else float("nan")
+    print(f"C (pair compute incl. loopback gloo, sequential at L=0) = {c * 1e3:.1f} ms")
+    for r in res["rows"]:
+        a_s = r["latency_ms"] / 1000.0 * r["a2a_per_pair"]
+        print(f"L={r['latency_ms']:.1f} ms: A = {a_s * 1e3:.0f} ms  sequential/(C+A) {r['sequential_s'] / (c + a_s):.3f}  "
+              f"overlapped/max(C,A) {r['overlapped_s'] / max(c, a_s):.3f}  overlapped/sequential "
+              f"{r['overlapped_s'] / r['sequential_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
