@@ -15,6 +15,9 @@ overlapped -> max(C, A), where C is the pair's compute (sequential time at L = 0
 summed latency of its all-to-alls (4 per MoE block per pair).
 
     .venv/bin/python -m tools.bench_overlap --latency-ms 0 10 --iters 10
+
+`--pipeline` times whole DualPipeV steps instead (4 ranks, pp 2 x ep 2, `OverlapParallelExecutor`),
+against the same segmented stage whose F&B runs F then B, with the same added latency.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import megads.parallel.overlap_stage as overlap_stage
 from megads.model.config import ModelConfig
 from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules, shard_experts
 from megads.parallel.harness import spawn
-from megads.parallel.overlap_stage import DeepseekOverlapStage
+from megads.parallel.mesh import ParallelMesh, plan_layout
+from megads.parallel.overlap_stage import DeepseekOverlapStage, OverlapParallelExecutor
 from megads.parallel.stages import build_stage_model, piece_specs
 from pipeline.schedules import build_schedule
 from pipeline.stage import BackwardArgs, ForwardArgs
@@ -42,7 +46,7 @@ from pipeline.stage import BackwardArgs, ForwardArgs
 
 def bench_config(*, hidden: int, layers: int) -> ModelConfig:
     return ModelConfig(
-        vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden,
+        vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=4, n_shared_experts=1, n_routed_experts=8,
         kv_lora_rank=64, q_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
         n_group=4, topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
@@ -109,10 +113,12 @@ def worker(rank: int, world: int, args: dict[str, Any], outpath: str) -> None:
     rows: list[dict[str, Any]] = []
     latency = {"s": 0.0}
     _add_latency(dispatchers, latency)
-    for latency_ms in args["latencies"]:
-        latency["s"] = latency_ms / 1000.0
-        times: dict[str, list[float]] = {"sequential": [], "overlapped": []}
-        for it in range(args["iters"] + 1):
+    # every iteration runs every (latency, mode) once, so load changes on the shared machine
+    # hit all of them alike; the first iteration warms up
+    times = {(lat, mode): [] for lat in args["latencies"] for mode in ("sequential", "overlapped")}
+    for it in range(args["iters"] + 1):
+        for latency_ms in args["latencies"]:
+            latency["s"] = latency_ms / 1000.0
             for mode in ("sequential", "overlapped"):
                 stage.begin_step(microbatches=mbs, num_microbatches=2)
                 stage.forward(0, 0, None)
@@ -128,15 +134,76 @@ def worker(rank: int, world: int, args: dict[str, Any], outpath: str) -> None:
                 stage.backward_full(0, 1, grad_y)
                 stage.end_step()
                 model.zero_grad(set_to_none=True)
-                if it:  # the first iteration warms up
-                    times[mode].append(float(dt))
-        seq = statistics.median(times["sequential"])
-        ovl = statistics.median(times["overlapped"])
+                if it:
+                    times[(latency_ms, mode)].append(float(dt))
+        if rank == 0 and it:
+            print(f"iteration {it}/{args['iters']}", flush=True)
+    for latency_ms in args["latencies"]:
+        seq = statistics.median(times[(latency_ms, "sequential")])
+        ovl = statistics.median(times[(latency_ms, "overlapped")])
         rows.append({"latency_ms": latency_ms, "sequential_s": seq, "overlapped_s": ovl,
                      "a2a_per_pair": 4 * n_moe, "moe_blocks": n_moe})
         if rank == 0:
             print(f"latency {latency_ms:5.1f} ms/a2a  sequential {seq * 1e3:8.1f} ms  overlapped {ovl * 1e3:8.1f} ms  "
                   f"overlapped/sequential {ovl / seq:.3f}", flush=True)
+    if rank == 0:
+        tmp = outpath + ".tmp"
+        Path(tmp).write_text(json.dumps({"args": args, "rows": rows}, indent=1))
+        os.replace(tmp, outpath)
+
+
+class SequentialFBStage(DeepseekOverlapStage):
+    """The peer of the pipeline mode: the same segmented stage, F&B run as F then BW."""
+
+    def forward_backward_overlapped(
+        self, f: ForwardArgs, b: BackwardArgs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y = self.forward(f.chunk, f.mb, f.x)
+        return y, self.backward_full(b.chunk, b.mb, b.grad_y)
+
+
+class _SequentialExecutor(OverlapParallelExecutor):
+    stage_cls = SequentialFBStage
+
+
+def pipeline_worker(rank: int, world: int, args: dict[str, Any], outpath: str) -> None:
+    """Whole DualPipeV steps (pp 2 x ep 2 on 4 ranks): overlapped F&B vs F then B, same latencies."""
+    cfg = bench_config(hidden=args["hidden"], layers=args["layers"])
+    plan = plan_layout(
+        world_size=world, pp=2, ep=2, num_layers=cfg.num_hidden_layers, n_routed_experts=cfg.n_routed_experts,
+        n_group=cfg.n_group, topk_group=cfg.topk_group, pieces_per_rank=2,
+    )
+    mesh = ParallelMesh.build(plan)
+    exs = {mode: cls(cfg, mesh=mesh, plan=plan, schedule="dualpipev", micro_batch_size=1, seed=0)
+           for mode, cls in (("sequential", _SequentialExecutor), ("overlapped", OverlapParallelExecutor))}
+    latency = {"s": 0.0}
+    _add_latency([d for ex in exs.values() for m in moe_modules(ex.model)
+                  if isinstance(d := m.dispatcher, AllToAllDispatcher)], latency)
+    M = args["microbatches"]
+    g = torch.Generator().manual_seed(7)
+    tok = torch.randint(0, cfg.vocab_size, (M * mesh.dp, args["seq"] + 1), generator=g)
+    ids, labels = tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
+    times = {(lat, mode): [] for lat in args["latencies"] for mode in exs}
+    for it in range(args["iters"] + 1):
+        for latency_ms in args["latencies"]:
+            latency["s"] = latency_ms / 1000.0
+            for mode, ex in exs.items():
+                dist.barrier()
+                ex.step(ids, labels, mtp_weight=0.3)
+                dt = torch.tensor([ex.last_step_result.wall_s])
+                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+                if it:
+                    times[(latency_ms, mode)].append(float(dt))
+        if rank == 0 and it:
+            print(f"iteration {it}/{args['iters']}", flush=True)
+    rows = []
+    for latency_ms in args["latencies"]:
+        seq = statistics.median(times[(latency_ms, "sequential")])
+        ovl = statistics.median(times[(latency_ms, "overlapped")])
+        rows.append({"latency_ms": latency_ms, "sequential_s": seq, "overlapped_s": ovl})
+        if rank == 0:
+            print(f"dualpipev pp2 x ep2, M={M}: latency {latency_ms:5.1f} ms/a2a  step with F then B "
+                  f"{seq * 1e3:8.1f} ms  with F&B overlapped {ovl * 1e3:8.1f} ms  ratio {ovl / seq:.3f}", flush=True)
     if rank == 0:
         tmp = outpath + ".tmp"
         Path(tmp).write_text(json.dumps({"args": args, "rows": rows}, indent=1))
@@ -151,13 +218,20 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--latency-ms", type=float, nargs="+", default=[0.0])
-    ap.add_argument("--out", default="outputs/bench_overlap.json")
+    ap.add_argument("--pipeline", action="store_true",
+                    help="whole DualPipeV steps on 4 ranks (pp 2 x ep 2) instead of one F&B pair on 2")
+    ap.add_argument("--microbatches", type=int, default=8, help="--pipeline: micro-batches per step")
+    ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    out = a.out or ("outputs/bench_overlap_pipeline.json" if a.pipeline else "outputs/bench_overlap.json")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     args = {"hidden": a.hidden, "layers": a.layers, "batch": a.batch, "seq": a.seq, "iters": a.iters,
-            "latencies": sorted(a.latency_ms)}
-    spawn(2, worker, args, a.out)
-    res = json.loads(Path(a.out).read_text())
+            "latencies": sorted(a.latency_ms), "microbatches": a.microbatches}
+    if a.pipeline:
+        spawn(4, pipeline_worker, args, out)
+        return
+    spawn(2, worker, args, out)
+    res = json.loads(Path(out).read_text())
     base = next((r for r in res["rows"] if r["latency_ms"] == 0), None)
     c = base["sequential_s"] if base else float("nan")
     print(f"C (pair compute incl. loopback gloo, sequential at L=0) = {c * 1e3:.1f} ms")

@@ -4,8 +4,8 @@
 and changes how a chunk's autograd graph is kept: the forward is cut into *segments* at the
 expert-parallel communication points of every MoE block,
 
-    segment        attention + ffn_input + route + shared experts      (then dispatch all-to-all)
-    segment        local experts on the received rows                  (then combine all-to-all)
+    segment        attention + ffn_input + route                       (then dispatch all-to-all)
+    segment        local experts on the received rows + shared experts (then combine all-to-all)
     segment        unpermute + gate-weighted sum + residual, and the next block's attention ...
 
 Dense blocks, the embedding, the output head, CE and MTP sit inside the segments. At a boundary
@@ -293,7 +293,7 @@ class DeepseekOverlapStage(DeepseekStage):
         with self._amp():
             carry["lm"] = cross_entropy(m.head(carry["h"]), labels_BT)
         use_mtp = self.mtp_weight > 0 and bool(m.mtp)
-        depth_losses: list[torch.Tensor] = []
+        depths = 0  # MTP depths run (depth k's loss is carried as carry[f"mtp{k}"])
         if use_mtp:
             assert m.mtp is not None and m.embed_tokens is not None and m.lm_head is not None
             T = ids_BT.shape[1]
@@ -312,17 +312,18 @@ class DeepseekOverlapStage(DeepseekStage):
                 with self._amp():
                     logits = m.lm_head(module.norm(carry["h"]))
                     carry[f"mtp{k}"] = cross_entropy(logits, labels_BT[:, k:])
-                depth_losses.append(carry[f"mtp{k}"])
+                depths = k
         with self._amp():
             lm, balance = carry["lm"], carry["bal"]
             total = lm
             mtp = lm.new_zeros(())
             if use_mtp:
                 balance = balance + carry["mbal"]
-                mtp = torch.stack([carry[f"mtp{k}"] for k in range(1, len(depth_losses) + 1)]).mean() \
-                    if depth_losses else labels_BT.new_zeros((), dtype=torch.float32)
-                if depth_losses:
+                if depths:  # mtp_loss: mean over depths of the depth-k cross entropies
+                    mtp = torch.stack([carry[f"mtp{k}"] for k in range(1, depths + 1)]).mean()
                     total = total + self.mtp_weight * mtp
+                else:
+                    mtp = labels_BT.new_zeros((), dtype=torch.float32)
             total = total + balance
         self.stats += torch.stack([lm.detach(), mtp.detach(), balance.detach()]).double().cpu()
         tape.finish([total])
@@ -355,13 +356,12 @@ class DeepseekOverlapStage(DeepseekStage):
             h_BTD = block.attention_step(carry[h_key], rope)
             f_BTD = block.ffn_input(h_BTD)
             routing = moe.route(f_BTD)
-            shared_BTD = moe.shared_experts(f_BTD) if moe.shared_experts is not None else None
             f_ND = f_BTD.reshape(-1, f_BTD.shape[-1])
             carry = dict(carry)
             carry[h_key] = h_BTD
             carry[bal_key] = carry[bal_key] + routing.balance_loss
             carry["_w"] = routing.topk_weight_NK
-            carry["_shared"] = shared_BTD
+            carry["_f"] = f_BTD
         dh = disp.dispatch_start(f_ND.detach(), routing.topk_idx_NK)
         carry = tape.boundary(carry, send=f_ND, edge=_DispatchEdge(disp.group, dh.state, (f_ND.shape[0], f_ND.shape[1])))
         yield dh.pending
@@ -370,6 +370,10 @@ class DeepseekOverlapStage(DeepseekStage):
         x_MD = tape.receive(res.x_MD)
         with self._amp():
             y_MD = moe.experts(x_MD, res.counts)
+            f_BTD = carry.pop("_f")
+            # the shared experts run here, so this segment's compute (which hides the other
+            # chunk's all-to-all) is not only the routed experts' small grouped GEMMs
+            carry["_shared"] = moe.shared_experts(f_BTD) if moe.shared_experts is not None else None
         ch = disp.combine_start(y_MD.detach(), res)
         carry = tape.boundary(carry, send=y_MD, edge=_CombineEdge(disp.group, res.state))
         yield ch.pending
@@ -378,7 +382,7 @@ class DeepseekOverlapStage(DeepseekStage):
         with self._amp():
             weight_NK1 = carry.pop("_w").to(y_NKD.dtype).unsqueeze(-1)
             routed_ND = (y_NKD * weight_NK1).sum(dim=1)
-            out_BTD = routed_ND.view_as(f_BTD)
+            out_BTD = routed_ND.view(carry[h_key].shape)
             shared = carry.pop("_shared")
             if shared is not None:
                 out_BTD = out_BTD + shared
@@ -448,10 +452,12 @@ def _add_into(acc: list[torch.Tensor | None], got: tuple[torch.Tensor | None, ..
 class OverlapParallelExecutor(ParallelExecutor):
     """`ParallelExecutor` whose pipeline stage is `DeepseekOverlapStage` (overlapped F&B)."""
 
+    stage_cls: type[DeepseekOverlapStage] = DeepseekOverlapStage
+
     def _runtime(self, num_microbatches: int, *, mtp_weight: float) -> tuple[PipelineRuntime, DeepseekStage]:
         rt, stage = super()._runtime(num_microbatches, mtp_weight=mtp_weight)
-        if not isinstance(stage, DeepseekOverlapStage):
-            stage = DeepseekOverlapStage.from_stage(stage)
+        if not isinstance(stage, self.stage_cls):
+            stage = self.stage_cls.from_stage(stage)
             rt.stage = stage
             self._runtimes[num_microbatches] = (rt, stage)
         return rt, stage

@@ -139,8 +139,10 @@ def schedule_worker(
         grads: list[dict[str, torch.Tensor]] = []
         step_fn = ex.optimizer.step
 
-        def capture_then_step(*a: Any, _ex: ParallelExecutor = ex, _step: Any = step_fn, **k: Any) -> Any:
-            grads.append(_reduced_grads(_ex))
+        def capture_then_step(
+            *a: Any, _ex: ParallelExecutor = ex, _step: Any = step_fn, _out: list[Any] = grads, **k: Any
+        ) -> Any:
+            _out.append(_reduced_grads(_ex))
             return _step(*a, **k)
 
         ex.optimizer.step = capture_then_step  # type: ignore[method-assign]
@@ -202,3 +204,66 @@ def compare_case(ref: dict[str, Any], *, outdir: str | Path, tag: str, world: in
         for name, (t, start) in res["params"].items():
             check(f"rank {r} param {name}", t, start, ref["params"][name])
     return problems, worst
+
+
+def overlap_order_worker(rank: int, world: int, cfg: ModelConfig, outpath: str) -> None:
+    """One rank, ep group of one: `DeepseekStage` (F, F, BW, BW) against `DeepseekOverlapStage`
+    (F, F&B, BW) on the same micro-batches, and the issue order of the all-to-alls inside F&B.
+
+    Writes {"y_plain", "y_overlap", "grads_plain", "grads_overlap", "events"} to `outpath`; events are
+    "fwd" (dispatcher.dispatch_start / combine_start) or "bwd" (a reverse all-to-all of the backward).
+    """
+    import megads.parallel.overlap_stage as ov
+    from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules
+    from megads.parallel.overlap_stage import DeepseekOverlapStage
+    from megads.parallel.stages import DeepseekStage, build_stage_model, piece_specs
+    from pipeline.schedules import build_schedule
+    from pipeline.stage import BackwardArgs, ForwardArgs
+
+    sched = build_schedule("1f1b", pp=1, num_microbatches=2)
+    specs = piece_specs([cfg.num_hidden_layers])
+    g = torch.Generator().manual_seed(5)
+    mbs = []
+    for _ in range(2):
+        tok = torch.randint(0, cfg.vocab_size, (2, 13), generator=g)
+        mbs.append((tok[:, :-1].contiguous(), tok[:, 1:].contiguous()))
+    events: list[str] = []
+    grad_y = torch.tensor(0.5)
+    out: dict[str, Any] = {}
+    for kind in ("plain", "overlap"):
+        model = build_stage_model(cfg, specs=specs, seed=3)
+        model.train()
+        for moe in moe_modules(model):
+            moe.dispatcher = AllToAllDispatcher(cfg.n_routed_experts, group=None, ep_size=1, ep_rank=0)
+        cls = DeepseekStage if kind == "plain" else DeepseekOverlapStage
+        stage = cls(model, layout=sched.layout, rank=0, specs=specs, mtp_weight=0.3, grad_scale=1.0)
+        stage.begin_step(microbatches=mbs, num_microbatches=2)
+        y0 = stage.forward(0, 0, None)
+        if kind == "plain":
+            y1 = stage.forward(0, 1, None)
+            stage.backward_full(0, 0, grad_y)
+        else:
+            for d in moe_modules(model):
+                for name in ("dispatch_start", "combine_start"):
+                    orig = getattr(d.dispatcher, name)
+
+                    def logged(*a: Any, _o: Any = orig, **k: Any) -> Any:
+                        events.append("fwd")
+                        return _o(*a, **k)
+
+                    setattr(d.dispatcher, name, logged)
+            rows = ov.all_to_all_rows
+
+            def logged_rows(*a: Any, _r: Any = rows, **k: Any) -> Any:
+                events.append("bwd")
+                return _r(*a, **k)
+
+            ov.all_to_all_rows = logged_rows  # type: ignore[assignment]
+            y1, _ = stage.forward_backward_overlapped(ForwardArgs(0, 1, None), BackwardArgs(0, 0, grad_y))
+            ov.all_to_all_rows = rows  # type: ignore[assignment]
+        stage.backward_full(0, 1, grad_y)
+        stage.end_step()
+        out[f"y_{kind}"] = (y0.detach(), y1.detach())
+        out[f"grads_{kind}"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    out["events"] = events
+    torch.save(out, outpath)
