@@ -34,6 +34,10 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow" tests
 
+## ep=64 on 64 CPU ranks, exact against one process (about 4-7 minutes, 14 GiB of memory).
+scale-check: setup
+	$(PY) -m tools.parallel_scale_check --ep 64
+
 lint: setup
 	$(VENV)/bin/ruff check .
 

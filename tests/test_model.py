@@ -122,6 +122,12 @@ def test_grouped_linear_handles_empty_experts_and_gradients() -> None:
     assert empty.shape == (0, 5)
 
 
+def test_moe_with_zero_tokens() -> None:
+    moe = MoE(TINY, factory=LinearFactory())
+    out, balance = moe(torch.zeros(0, 5, TINY.hidden_size))
+    assert out.shape == (0, 5, TINY.hidden_size)
+
+
 def test_block_steps_equal_forward() -> None:
     torch.manual_seed(5)
     model = DeepseekV3(TINY)

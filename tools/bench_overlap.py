@@ -39,7 +39,7 @@ from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules, sha
 from megads.parallel.harness import spawn
 from megads.parallel.mesh import ParallelMesh, plan_layout
 from megads.parallel.overlap_stage import DeepseekOverlapStage, OverlapParallelExecutor
-from megads.parallel.stages import build_stage_model, piece_specs
+from megads.parallel.stages import DeepseekStage, build_stage_model, piece_specs
 from pipeline.schedules import build_schedule
 from pipeline.stage import BackwardArgs, ForwardArgs
 
@@ -102,6 +102,14 @@ def worker(rank: int, world: int, args: dict[str, Any], outpath: str) -> None:
     stage = DeepseekOverlapStage(
         model, layout=sched.layout, rank=0, specs=specs, pp_group=None, mtp_weight=0.3, grad_scale=1.0 / world
     )
+    # a second peer at L = 0 only: the unsegmented DeepseekStage (its backward all-to-alls run
+    # inside autograd, where no latency can be added), to show what the segmentation costs
+    plain_model = build_stage_model(cfg, specs=specs, seed=0)
+    shard_experts(plain_model, group=None, ep_size=world, ep_rank=rank)
+    plain_model.train()
+    plain = DeepseekStage(
+        plain_model, layout=sched.layout, rank=0, specs=specs, pp_group=None, mtp_weight=0.3, grad_scale=1.0 / world
+    )
     g = torch.Generator().manual_seed(100 + rank)
     mbs = []
     for _ in range(2):
@@ -115,25 +123,30 @@ def worker(rank: int, world: int, args: dict[str, Any], outpath: str) -> None:
     _add_latency(dispatchers, latency)
     # every iteration runs every (latency, mode) once, so load changes on the shared machine
     # hit all of them alike; the first iteration warms up
-    times = {(lat, mode): [] for lat in args["latencies"] for mode in ("sequential", "overlapped")}
+    times: dict[tuple[float, str], list[float]] = {
+        (lat, mode): [] for lat in args["latencies"] for mode in ("sequential", "overlapped", "plain")
+    }
     for it in range(args["iters"] + 1):
         for latency_ms in args["latencies"]:
             latency["s"] = latency_ms / 1000.0
-            for mode in ("sequential", "overlapped"):
-                stage.begin_step(microbatches=mbs, num_microbatches=2)
-                stage.forward(0, 0, None)
+            for mode in ("sequential", "overlapped", "plain"):
+                if mode == "plain" and latency_ms:
+                    continue
+                st = plain if mode == "plain" else stage
+                st.begin_step(microbatches=mbs, num_microbatches=2)
+                st.forward(0, 0, None)
                 dist.barrier()
                 t0 = time.perf_counter()
-                if mode == "sequential":
-                    stage.forward(0, 1, None)
-                    stage.backward_full(0, 0, grad_y)
+                if mode == "overlapped":
+                    st.forward_backward_overlapped(ForwardArgs(0, 1, None), BackwardArgs(0, 0, grad_y))
                 else:
-                    stage.forward_backward_overlapped(ForwardArgs(0, 1, None), BackwardArgs(0, 0, grad_y))
+                    st.forward(0, 1, None)
+                    st.backward_full(0, 0, grad_y)
                 dt = torch.tensor([time.perf_counter() - t0])
                 dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-                stage.backward_full(0, 1, grad_y)
-                stage.end_step()
-                model.zero_grad(set_to_none=True)
+                st.backward_full(0, 1, grad_y)
+                st.end_step()
+                st.model.zero_grad(set_to_none=True)
                 if it:
                     times[(latency_ms, mode)].append(float(dt))
         if rank == 0 and it:
@@ -141,8 +154,14 @@ def worker(rank: int, world: int, args: dict[str, Any], outpath: str) -> None:
     for latency_ms in args["latencies"]:
         seq = statistics.median(times[(latency_ms, "sequential")])
         ovl = statistics.median(times[(latency_ms, "overlapped")])
-        rows.append({"latency_ms": latency_ms, "sequential_s": seq, "overlapped_s": ovl,
-                     "a2a_per_pair": 4 * n_moe, "moe_blocks": n_moe})
+        row = {"latency_ms": latency_ms, "sequential_s": seq, "overlapped_s": ovl,
+               "a2a_per_pair": 4 * n_moe, "moe_blocks": n_moe}
+        if times[(latency_ms, "plain")]:
+            row["plain_stage_s"] = statistics.median(times[(latency_ms, "plain")])
+            if rank == 0:
+                print(f"latency   0.0 ms/a2a  unsegmented DeepseekStage F then B {row['plain_stage_s'] * 1e3:8.1f} ms",
+                      flush=True)
+        rows.append(row)
         if rank == 0:
             print(f"latency {latency_ms:5.1f} ms/a2a  sequential {seq * 1e3:8.1f} ms  overlapped {ovl * 1e3:8.1f} ms  "
                   f"overlapped/sequential {ovl / seq:.3f}", flush=True)
@@ -171,7 +190,7 @@ def pipeline_worker(rank: int, world: int, args: dict[str, Any], outpath: str) -
     cfg = bench_config(hidden=args["hidden"], layers=args["layers"])
     plan = plan_layout(
         world_size=world, pp=2, ep=2, num_layers=cfg.num_hidden_layers, n_routed_experts=cfg.n_routed_experts,
-        n_group=cfg.n_group, topk_group=cfg.topk_group, pieces_per_rank=2,
+        n_group=cfg.n_group, topk_group=cfg.topk_group, pieces_per_rank=2, stage_layers=args["stage_layers"],
     )
     mesh = ParallelMesh.build(plan)
     exs = {mode: cls(cfg, mesh=mesh, plan=plan, schedule="dualpipev", micro_batch_size=1, seed=0)
@@ -221,12 +240,15 @@ def main() -> None:
     ap.add_argument("--pipeline", action="store_true",
                     help="whole DualPipeV steps on 4 ranks (pp 2 x ep 2) instead of one F&B pair on 2")
     ap.add_argument("--microbatches", type=int, default=8, help="--pipeline: micro-batches per step")
+    ap.add_argument("--stage-layers", type=int, nargs="+", default=None,
+                    help="--pipeline: layers of the 4 DualPipeV pieces (default: balanced)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     out = a.out or ("outputs/bench_overlap_pipeline.json" if a.pipeline else "outputs/bench_overlap.json")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     args = {"hidden": a.hidden, "layers": a.layers, "batch": a.batch, "seq": a.seq, "iters": a.iters,
-            "latencies": sorted(a.latency_ms), "microbatches": a.microbatches}
+            "latencies": sorted(a.latency_ms), "microbatches": a.microbatches,
+            "stage_layers": a.stage_layers}
     if a.pipeline:
         spawn(4, pipeline_worker, args, out)
         return

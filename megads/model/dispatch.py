@@ -56,4 +56,5 @@ class LocalDispatcher:
         # than the scatter-add that the backward of an inverse-permutation gather would need.
         order_M = result.state["order_M"]
         y_flat_MD = y_MD.new_empty(y_MD.shape).index_copy(0, order_M, y_MD)
-        return y_flat_MD.view(result.state["N"], result.state["K"], -1)
+        # explicit hidden size: with zero tokens a -1 would be ambiguous
+        return y_flat_MD.view(result.state["N"], result.state["K"], y_MD.shape[-1])

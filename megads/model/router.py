@@ -64,7 +64,7 @@ class Router(nn.Module):
             group_score_NG = choice_NE.view(N, self.n_group, per_group).topk(2, dim=-1)[0].sum(-1)
             group_idx = group_score_NG.topk(self.topk_group, dim=-1, sorted=False)[1]
             group_mask_NG = torch.zeros_like(group_score_NG).scatter_(1, group_idx, 1.0)
-            expert_mask_NE = group_mask_NG.unsqueeze(-1).expand(N, self.n_group, per_group).reshape(N, -1)
+            expert_mask_NE = group_mask_NG.unsqueeze(-1).expand(N, self.n_group, per_group).reshape(N, self.n_experts)
             choice_NE = choice_NE.masked_fill(expert_mask_NE == 0, float("-inf"))
             topk_idx_NK = choice_NE.topk(self.top_k, dim=-1, sorted=False)[1]
             self.tokens_per_expert += torch.bincount(topk_idx_NK.flatten(), minlength=self.n_experts).float()
@@ -73,7 +73,7 @@ class Router(nn.Module):
             weight_NK = weight_NK / (weight_NK.sum(-1, keepdim=True) + 1e-20)
         weight_NK = weight_NK * self.scaling
 
-        if self.training and self.alpha > 0:
+        if self.training and self.alpha > 0 and N > 0:
             balance = self.sequence_balance_loss(scores_NE, topk_idx_NK, seq_len=seq_len)
         else:
             balance = scores_NE.new_zeros(())

@@ -99,8 +99,14 @@ def save_checkpoint(
     loader_state: Any,
     keep_last: int,
     fingerprint: str = "",
+    sharded: bool = False,
+    full_model_on_rank0: bool = True,
 ) -> Path:
     """Collective: every rank calls it. Returns the final folder.
+
+    `sharded` (megads.parallel executors): every rank saves its own optimizer shard
+    (`optim_rank_XXXXX.pt`) and, unless rank 0 holds the whole model (`full_model_on_rank0`,
+    pp = ep = 1), its own share of the model (`model_rank_XXXXX.pt`).
 
     `fingerprint` identifies what a resume must not change (model, data, seq_len, micro-batch).
     """
@@ -113,14 +119,20 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
     torch.save({"loader": loader_state, "rng": rng_state()}, tmp / f"rank_{rank:05d}.pt")
-    if rank == 0:
+    if sharded:
+        torch.save(optimizer.state_dict(), tmp / f"optim_rank_{rank:05d}.pt")
+        if not full_model_on_rank0:
+            torch.save(model.state_dict(), tmp / f"model_rank_{rank:05d}.pt")
+    if rank == 0 and full_model_on_rank0:
         torch.save(model.state_dict(), tmp / "model.pt")
+    if rank == 0 and not sharded:
         torch.save(optimizer.state_dict(), tmp / "optim.pt")
     _barrier()
     if rank == 0:
         meta = {
             "format": FORMAT_VERSION, "step": step, "tokens": tokens, "world_size": world_size,
             "fingerprint": fingerprint, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "sharded": sharded,
         }
         meta_tmp = tmp / "meta.json.tmp"
         meta_tmp.write_text(json.dumps(meta, indent=1))
@@ -143,6 +155,7 @@ def load_checkpoint(
     world_size: int,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
+    sharded: bool = False,
 ) -> dict[str, Any]:
     """Load model and optimizer state; return {step, tokens, loader, rng} for this rank."""
     path = Path(path)
@@ -157,8 +170,16 @@ def load_checkpoint(
             f"{meta_path}: written by {meta['world_size']} ranks, resumed with {world_size}; resume with the "
             "same number of ranks (per-rank data-loader state), or start a new run_dir"
         )
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=False))
-    optimizer.load_state_dict(torch.load(path / "optim.pt", map_location="cpu", weights_only=False))
+    if bool(meta.get("sharded", False)) != sharded:
+        raise ValueError(
+            f"{meta_path}: written with {'per-rank (megads.parallel)' if meta.get('sharded') else 'replicated'} "
+            "model/optimizer state but this run uses the other kind; resume with the same parallel layout"
+        )
+    own_model = path / f"model_rank_{rank:05d}.pt"
+    model_file = own_model if own_model.is_file() else path / "model.pt"
+    model.load_state_dict(torch.load(model_file, map_location="cpu", weights_only=False))
+    optim_file = path / (f"optim_rank_{rank:05d}.pt" if sharded else "optim.pt")
+    optimizer.load_state_dict(torch.load(optim_file, map_location="cpu", weights_only=False))
     per_rank = torch.load(path / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)
     return {
         "step": int(meta["step"]), "tokens": float(meta["tokens"]), "loader": per_rank["loader"],

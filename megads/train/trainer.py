@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from megads.model import DeepseekV3, count_parameters
+from megads.parallel.train_glue import build_train_executor, describe_rank, needs_parallel_executor
 from megads.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from megads.train.config import ConfigError, TrainConfig, validate_config
 from megads.train.data_source import build_loader, resolve_data_config
@@ -58,6 +59,15 @@ class DistEnv:
     @classmethod
     def from_env(cls) -> DistEnv:
         env = os.environ
+        if "RANK" not in env and "SLURM_PROCID" in env:
+            # started by srun without torchrun: the layout from Slurm's variables, exported for env://
+            from megads.parallel.mesh import read_dist_env
+
+            d = read_dist_env()
+            env.update({"RANK": str(d.rank), "WORLD_SIZE": str(d.world_size), "LOCAL_RANK": str(d.local_rank),
+                        "LOCAL_WORLD_SIZE": str(d.local_world_size)})
+            env.setdefault("MASTER_ADDR", d.master_addr)
+            env.setdefault("MASTER_PORT", str(d.master_port))
         return cls(
             rank=int(env.get("RANK", 0)), world_size=int(env.get("WORLD_SIZE", 1)),
             local_rank=int(env.get("LOCAL_RANK", 0)), local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
@@ -114,14 +124,15 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | N
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def check_supported_layout(cfg: TrainConfig, *, rank: int) -> None:
-    """The local executor runs plain data parallel; refuse or warn about what it cannot honour."""
+def check_supported_layout(cfg: TrainConfig, *, rank: int, world_size: int = 1) -> None:
+    """Warn about what the local (plain data-parallel) executor cannot honour.
+
+    Layouts with pp > 1, ep > 1, or ZeRO-1 on several ranks run on megads.parallel's executor,
+    which honours every parallel.* field.
+    """
     p = cfg.parallel
-    if p.pp > 1 or p.ep > 1:
-        raise ConfigError(
-            f"parallel.pp={p.pp} parallel.ep={p.ep}: pipeline and expert parallel need the megads.parallel "
-            "executors, which this trainer does not have yet; use parallel=dp (pp=1, ep=1)"
-        )
+    if needs_parallel_executor(p, world_size=world_size):
+        return
     if rank == 0:
         ignored = [n for n, v in (("zero1", p.zero1), ("moments_dtype", p.moments_dtype != "float32"),
                                   ("stage_layers", p.stage_layers is not None)) if v]
@@ -188,7 +199,7 @@ def train(cfg: TrainConfig, *, run_name: str | None = None, resolved_yaml: str |
     """Run (or resume) the training job `cfg` on this rank; collective under torchrun."""
     env = DistEnv.from_env()
     validate_config(cfg, world_size=env.world_size)
-    check_supported_layout(cfg, rank=env.rank)
+    check_supported_layout(cfg, rank=env.rank, world_size=env.world_size)
     data_cfg = resolve_data_config(cfg.data)
     device = resolve_device(cfg, env)
     autocast_dtype = resolve_precision(cfg, device)
@@ -257,13 +268,30 @@ def _train(
         np.random.seed(cfg.seed)
     except ImportError:
         pass
-    model = DeepseekV3(cfg.model).to(device)
-    if group is not None:
-        _broadcast_parameters(model)
-    executor, optimizer = make_executor(cfg, model, device=device, autocast_dtype=autocast_dtype, group=group)
-    dp_size = cfg.parallel.data_parallel_size(world_size=env.world_size)
+    executor: StepExecutor
+    if group is not None and needs_parallel_executor(cfg.parallel, world_size=env.world_size):
+        # pipeline / expert parallel / ZeRO-1: megads.parallel builds this rank's share of the
+        # model (same initial weights as DeepseekV3(cfg.model) under cfg.seed) and its optimizer
+        try:
+            pex, mesh = build_train_executor(
+                cfg, world_size=env.world_size, local_world_size=env.local_world_size, device=device,
+                autocast_dtype=autocast_dtype,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        executor, model, optimizer = pex, pex.model, pex.optimizer
+        dp_rank, dp_size = mesh.dp_rank, mesh.dp
+        sharded, full_model_on_rank0 = True, cfg.parallel.pp == 1 and cfg.parallel.ep == 1
+        log.info(describe_rank(pex))  # every rank: what it holds
+    else:
+        model = DeepseekV3(cfg.model).to(device)
+        if group is not None:
+            _broadcast_parameters(model)
+        executor, optimizer = make_executor(cfg, model, device=device, autocast_dtype=autocast_dtype, group=group)
+        dp_rank, dp_size = env.rank, cfg.parallel.data_parallel_size(world_size=env.world_size)
+        sharded, full_model_on_rank0 = False, True
     mb = cfg.parallel.micro_batch_size
-    loader = build_loader(data_cfg, seq_len=cfg.seq_len, micro_batch_size=mb, dp_rank=env.rank, dp_size=dp_size)
+    loader = build_loader(data_cfg, seq_len=cfg.seq_len, micro_batch_size=mb, dp_rank=dp_rank, dp_size=dp_size)
     if loader.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"the data's tokenizer has {loader.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
@@ -275,7 +303,8 @@ def _train(
 
     step, tokens = 0, 0.0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, rank=env.rank, world_size=env.world_size, model=model, optimizer=optimizer)
+        state = load_checkpoint(resume_from, rank=env.rank, world_size=env.world_size, model=model,
+                                optimizer=optimizer, sharded=sharded)
         step, tokens = state["step"], state["tokens"]
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
@@ -357,13 +386,13 @@ def _train(
                 last_ckpt = save_checkpoint(
                     ckpt_dir, step=step, tokens=tokens, rank=env.rank, world_size=env.world_size, model=model,
                     optimizer=optimizer, loader_state=loader.state_dict(), keep_last=cfg.checkpoint.keep_last,
-                    fingerprint=fingerprint,
+                    fingerprint=fingerprint, sharded=sharded, full_model_on_rank0=full_model_on_rank0,
                 )
         if cfg.checkpoint.at_end and (last_ckpt is None or last_ckpt.name != f"step_{step:08d}"):
             last_ckpt = save_checkpoint(
                 ckpt_dir, step=step, tokens=tokens, rank=env.rank, world_size=env.world_size, model=model,
                 optimizer=optimizer, loader_state=loader.state_dict(), keep_last=cfg.checkpoint.keep_last,
-                fingerprint=fingerprint,
+                fingerprint=fingerprint, sharded=sharded, full_model_on_rank0=full_model_on_rank0,
             )
     finally:
         if metrics_file is not None:
