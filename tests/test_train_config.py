@@ -160,3 +160,12 @@ def test_wandb_modes_and_failures_never_raise(monkeypatch: pytest.MonkeyPatch, t
     w.log({"loss": 1.0}, step=1)  # no-ops, no exception
     w.finish()
     assert w.run is None
+
+
+def test_too_few_microbatches_for_the_schedule_fail_before_the_run() -> None:
+    """DualPipeV at pp=2 needs 2*pp micro-batches per rank; the message says how to get there."""
+    cfg = _compose("parallel=pp2_ep2", "parallel.schedule=dualpipev")  # batch 8 / (2 x dp 2) = 2 < 4
+    with pytest.raises(ConfigError, match=r"needs at least 4 micro-batches.*raise batch_start to 16"):
+        validate_config(cfg, world_size=4)
+    validate_config(_compose("parallel=pp2_ep2", "parallel.schedule=dualpipev", "parallel.micro_batch_size=1"),
+                    world_size=4)

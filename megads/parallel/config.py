@@ -34,6 +34,9 @@ class ParallelConfig:
     node_limit: int = 4
     ranks_per_node: int | None = None  # None: LOCAL_WORLD_SIZE / SLURM tasks per node, else the world
     bucket_numel: int = 4_194_304  # ZeRO-1 reduce-scatter / all-gather bucket size (elements)
+    # DualPipe/DualPipeV: run F&B pairs interleaved at attention/dispatch/experts/combine
+    # granularity with asynchronous all-to-alls (megads.parallel.overlap_stage).
+    overlap_fb: bool = True
 
     def pieces_per_rank(self) -> int:
         """Model pieces one pipeline rank holds: 2 for DualPipeV's V and interleaved 1F1B, else 1.

@@ -153,6 +153,8 @@ class ParallelExecutor:
             moments_dtype=moments_dtype, bucket_numel=o.bucket_numel, shard=zero1,
         )
         self._runtimes: dict[int, tuple[PipelineRuntime, DeepseekStage]] = {}
+        # Set by the trainer for one step: the runtime records per-action times (save_timeline_png).
+        self.record_next_step = False
         self.last_step_result: Any = None
 
     # ------------------------------------------------------------------ schedule
@@ -236,6 +238,7 @@ class ParallelExecutor:
         rt, stage = self._runtime(len(mbs), mtp_weight=mtp_weight)
         for d in self._dispatchers():
             d.reset_volume()
+        rt.record_timeline = self.record_next_step
         self.last_step_result = rt.step(mbs)
         if lr is not None:
             for g in self.optimizer.param_groups:
@@ -258,6 +261,30 @@ class ParallelExecutor:
                     "a2a_remote_rows_sent": sum(d.sent_remote_rows for d in self._dispatchers()),
                     "max_nodes_per_token": max([d.max_nodes_per_token for d in self._dispatchers()], default=0)},
         )
+
+    def save_timeline_png(self, path: str, *, title: str) -> str | None:
+        """Draw the last recorded step's per-rank timeline (collective over the pipeline group).
+
+        Every data-parallel replica runs the same schedule; replica 0's picture goes to `path`
+        (returned on the rank that wrote it), the other replicas draw to a discarded file.
+        """
+        import os
+        import tempfile
+
+        from pipeline.render import save_step_png
+
+        if self.last_step_result is None or not self.last_step_result.timeline:
+            return None
+        if self.mesh.dp_rank == 0:
+            out = save_step_png(self.last_step_result, path=path, title=title, group=self.mesh.pp_group)
+            return str(out) if out is not None else None
+        fd, scratch = tempfile.mkstemp(suffix=".png")
+        os.close(fd)
+        try:
+            save_step_png(self.last_step_result, path=scratch, title=title, group=self.mesh.pp_group)
+        finally:
+            os.unlink(scratch)
+        return None
 
     def _dispatchers(self) -> list[AllToAllDispatcher]:
         return [m.dispatcher for m in moe_modules(self.model) if isinstance(m.dispatcher, AllToAllDispatcher)]

@@ -40,7 +40,13 @@ def build_train_executor(
         lr=o.lr, betas=(float(o.betas[0]), float(o.betas[1])), eps=o.eps, weight_decay=o.weight_decay,
         max_grad_norm=o.clip_grad, bucket_numel=p.bucket_numel,
     )
-    ex = ParallelExecutor(
+    # The overlapped stage pays off where the schedule has F&B pairs.
+    executor_cls: type[ParallelExecutor] = ParallelExecutor
+    if p.overlap_fb and p.schedule in ("dualpipe", "dualpipev"):
+        from megads.parallel.overlap_stage import OverlapParallelExecutor
+
+        executor_cls = OverlapParallelExecutor
+    ex = executor_cls(
         cfg.model, mesh=mesh, plan=plan, schedule=p.schedule, micro_batch_size=p.micro_batch_size, seed=cfg.seed,
         optim=optim, zero1=p.zero1,
         moments_dtype=torch.bfloat16 if p.moments_dtype == "bfloat16" else torch.float32,

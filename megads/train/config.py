@@ -232,6 +232,18 @@ def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
                 )
         if s.batch_end < s.batch_start:
             errors.append(f"schedule.batch_end={s.batch_end} must be >= schedule.batch_start={s.batch_start}")
+        if cfg.parallel.pp > 1 and cfg.parallel.schedule in ("1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev"):
+            from pipeline.schedules import min_microbatches
+
+            need = min_microbatches(cfg.parallel.schedule, pp=cfg.parallel.pp)
+            have = s.batch_start // multiple
+            if have < need:
+                errors.append(
+                    f"parallel.schedule={cfg.parallel.schedule} with pp={cfg.parallel.pp} needs at least {need} "
+                    f"micro-batches per data-parallel rank, but schedule.batch_start={s.batch_start} gives "
+                    f"{have} (= batch_start / (micro_batch_size {cfg.parallel.micro_batch_size} x dp {dp})); "
+                    f"raise batch_start to {need * multiple} or lower parallel.micro_batch_size"
+                )
     if not errors:
         plan = plan_run(s, seq_len=cfg.seq_len, multiple=multiple)
         if plan.warmup_end_tokens > s.constant_tokens and s.warmup_steps > 0:

@@ -348,6 +348,7 @@ def _train(
     metrics_file = open(run_dir / "metrics.jsonl", "a") if rank0 else None  # noqa: SIM115
     last_ckpt: Path | None = resume_from
     t_start = time.perf_counter()
+    timeline_png: str | None = None
     steps_at_start, tokens_at_start = step, tokens
     window: list[dict[str, float]] = []
     try:
@@ -358,7 +359,17 @@ def _train(
             lr = lr_at(step=step, tokens=tokens, peak=cfg.optim.lr, min_ratio=cfg.optim.min_lr_ratio, sched=sched)
             mtp_w = mtp_weight_at(tokens=tokens, sched=sched)
             gamma = bias_update_speed_at(tokens=tokens, sched=sched)
+            # One measured pipeline timeline per run: the second step (the first pays for warm-up).
+            record = hasattr(executor, "record_next_step") and step == steps_at_start + 1
+            if record:
+                executor.record_next_step = True
             m = executor.run(micro, lr=lr, mtp_weight=mtp_w, bias_update_speed=gamma)
+            if record:
+                executor.record_next_step = False
+                timeline_png = executor.save_timeline_png(
+                    str(run_dir / "pipeline_timeline.png"),
+                    title=f"{cfg.parallel.schedule}, pp={cfg.parallel.pp} ep={cfg.parallel.ep}: step {step + 1}",
+                )
             step += 1
             tokens += m.tokens
             step_s = time.perf_counter() - t0
@@ -423,6 +434,8 @@ def _train(
         say(f"  loss curve : {result.loss_png}")
         if result.expert_load_png:
             say(f"  expert load: {result.expert_load_png}")
+        if timeline_png:
+            say(f"  pipeline   : {timeline_png}  (measured per-rank timeline of one step)")
         mode = wandb.mode
         say(f"  wandb ({mode}): {result.wandb_dir}"
             + (f"  (upload with: wandb sync {result.wandb_dir})" if mode == "offline" and result.wandb_dir else ""))
