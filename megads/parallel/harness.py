@@ -85,6 +85,20 @@ def valid_layouts(world: int, *, n_experts: int, num_layers: int) -> list[Layout
 # single-process reference
 
 
+def reference_model_and_optimizer(
+    cfg: ModelConfig, *, optim: OptimSettings, seed: int
+) -> tuple[DeepseekV3, torch.optim.AdamW]:
+    """The single-process model every layout starts from (built under `seed`) and its AdamW."""
+    torch.manual_seed(seed)
+    model = DeepseekV3(cfg)
+    model.train()
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+        foreach=False,
+    )
+    return model, opt
+
+
 def reference_run(
     cfg: ModelConfig,
     *,
@@ -95,13 +109,7 @@ def reference_run(
     seed: int,
 ) -> dict[str, Any]:
     """The same steps on one process: torch.optim.AdamW, clip_grad_norm_, same micro-batches."""
-    torch.manual_seed(seed)
-    model = DeepseekV3(cfg)
-    model.train()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
-        foreach=False,
-    )
+    model, opt = reference_model_and_optimizer(cfg, optim=optim, seed=seed)
     slots = router_slots(model, cfg=cfg)
     losses = []
     for ids_GT, labels_GT in batches:

@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from megads.model.balance import update_expert_bias
 from megads.model.config import ModelConfig
-from megads.model.transformer import DeepseekV3
 from megads.parallel.executor import OptimSettings, ParallelExecutor
+from megads.parallel.harness import reference_model_and_optimizer
 from megads.parallel.mesh import ParallelMesh, plan_layout
 from megads.parallel.overlap_stage import OverlapParallelExecutor
 
@@ -71,13 +71,7 @@ def reference_with_grads(
     seed: int,
 ) -> dict[str, Any]:
     """The steps on one process, micro-batches of one sequence; gradients recorded before clipping."""
-    torch.manual_seed(seed)
-    model = DeepseekV3(cfg)
-    model.train()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
-        foreach=False,
-    )
+    model, opt = reference_model_and_optimizer(cfg, optim=optim, seed=seed)
     losses, grads = [], []
     for ids_GT, labels_GT in batches:
         M = ids_GT.shape[0]
