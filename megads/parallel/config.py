@@ -19,6 +19,12 @@ _BACKENDS = ("auto", "nccl", "gloo")
 _MOMENT_DTYPES = ("float32", "bfloat16")
 
 
+def pieces_per_rank(schedule: str) -> int:
+    """Model pieces one pipeline rank holds under `schedule`: 2 for DualPipeV's V and
+    interleaved 1F1B, else 1 (DualPipe's two chunks are replicas of the same pp pieces)."""
+    return 2 if schedule in ("dualpipev", "interleaved") else 1
+
+
 @dataclass
 class ParallelConfig:
     pp: int = 1  # pipeline-parallel stages
@@ -43,7 +49,7 @@ class ParallelConfig:
 
         (DualPipe holds two chunks per rank too, but they are replicas of the same pp pieces.)
         """
-        return 2 if self.schedule in ("dualpipev", "interleaved") else 1
+        return pieces_per_rank(self.schedule)
 
     def plan(self, *, world_size: int, model: Any, ranks_per_node: int | None = None) -> Any:
         """`megads.parallel.mesh.plan_layout` for this config and a ModelConfig (numbers only)."""

@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 from megads.model.balance import update_expert_bias
 from megads.model.config import ModelConfig
 from megads.model.transformer import DeepseekV3
+from megads.parallel.config import pieces_per_rank
 from megads.parallel.executor import OptimSettings, ParallelExecutor, router_slots
 from megads.parallel.mesh import ParallelMesh, plan_layout
 
@@ -192,7 +193,7 @@ def equivalence_worker(
             world_size=world, pp=spec.pp, ep=spec.ep, num_layers=cfg.num_hidden_layers,
             n_routed_experts=cfg.n_routed_experts, n_group=cfg.n_group, topk_group=cfg.topk_group,
             ranks_per_node=spec.ranks_per_node, node_limit=4,
-            pieces_per_rank=2 if spec.schedule in ("dualpipev", "interleaved") else 1,
+            pieces_per_rank=pieces_per_rank(spec.schedule),
         )
         mesh = ParallelMesh.build(plan)
         ex = ParallelExecutor(

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from megads.model.balance import update_expert_bias
 from megads.model.config import ModelConfig
+from megads.parallel.config import pieces_per_rank
 from megads.parallel.executor import OptimSettings, ParallelExecutor
 from megads.parallel.harness import reference_model_and_optimizer
 from megads.parallel.mesh import ParallelMesh, plan_layout
@@ -125,7 +126,7 @@ def schedule_worker(
         plan = plan_layout(
             world_size=world, pp=case.pp, ep=case.ep, num_layers=cfg.num_hidden_layers,
             n_routed_experts=cfg.n_routed_experts, n_group=cfg.n_group, topk_group=cfg.topk_group,
-            pieces_per_rank=2 if case.schedule in ("dualpipev", "interleaved") else 1,
+            pieces_per_rank=pieces_per_rank(case.schedule),
         )
         mesh = ParallelMesh.build(plan)
         cls = OverlapParallelExecutor if case.overlap else ParallelExecutor
