@@ -122,6 +122,28 @@ def test_grouped_linear_handles_empty_experts_and_gradients() -> None:
     assert empty.shape == (0, 5)
 
 
+def test_grouped_linear_follows_autocast_like_linear() -> None:
+    """Under bf16 autocast the experts' GEMMs run in bf16 (as nn.Linear's do); grads stay fp32."""
+    torch.manual_seed(6)
+    lin = GroupedLinear(3, 8, 5)
+    counts = [2, 3, 1]
+    x = torch.randn(6, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x, counts)
+        starts = [0, 2, 5]
+        ref = torch.cat([F.linear(x[s:s + n], lin.weight[e]) for e, (s, n) in enumerate(zip(starts, counts))])
+    assert y.dtype == torch.bfloat16 and ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref)  # same bf16 GEMMs, same rounding
+    y.float().sum().backward()
+    assert lin.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    g_out = torch.ones(6, 5, dtype=torch.bfloat16)
+    x_bf, w_bf = x.detach().bfloat16(), lin.weight.detach().bfloat16()
+    ref_gw = torch.stack([(g_out[s:s + n].t() @ x_bf[s:s + n]).float() for s, n in zip(starts, counts)])
+    torch.testing.assert_close(lin.weight.grad, ref_gw)
+    ref_gx = torch.cat([(g_out[s:s + n] @ w_bf[e]).float() for e, (s, n) in enumerate(zip(starts, counts))])
+    torch.testing.assert_close(x.grad, ref_gx)
+
+
 def test_moe_with_zero_tokens() -> None:
     moe = MoE(TINY, factory=LinearFactory())
     out, balance = moe(torch.zeros(0, 5, TINY.hidden_size))

@@ -1,12 +1,21 @@
 """Forward+backward time of megads vs transformers' DeepseekV3 on identical weights, same run.
 
     python -m tools.bench_model [--presets tiny small] [--batch 2] [--seq 256] [--iters 5]
+                                [--precision fp32|bf16]
 
 For each preset: a transformers `DeepseekV3ForCausalLM` is built from the preset's config
 (default attention implementation, sdpa), saved, and loaded into megads with `megads.from_hf`,
 so both hold the same weights. Each iteration runs loss + backward on the same batch (no MTP:
 transformers' model has none), alternating the two models to share machine noise; we report
 median wall and CPU seconds per iteration and the ratios megads/transformers (goal <= 0.5).
+`--precision bf16` runs both forwards under the same `torch.autocast(bfloat16)`.
+
+Lower bound. The script also counts the matmul FLOPs of one megads forward+backward
+(`torch.utils.flop_counter.FlopCounterMode`) and measures this machine's best GEMM rate in the
+same dtype (large square `torch.mm`, best of several). FLOPs / best rate is the time of the
+GEMMs alone at peak speed with every other operation free: no implementation of the same math
+can beat it, so `lower bound / transformers` is the smallest megads/transformers ratio this
+machine allows for the preset.
 """
 
 from __future__ import annotations
@@ -46,20 +55,57 @@ def time_step(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def bench(preset: str, *, batch: int, seq: int, iters: int, warmup: int = 1) -> dict[str, float]:
+def peak_gemm_flops(dtype: torch.dtype, *, repeats: int = 5) -> float:
+    """Best matmul rate of this machine (FLOP/s) in `dtype`, over a few large square GEMMs."""
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)  # warm-up (threads, packing buffers)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def matmul_flops(fn) -> float:
+    """Matmul FLOPs of one call of `fn`, forward and backward, as a kernel needs them.
+
+    Batched matmuls are the causal attention (scores and the weighted sum of values), which the
+    math path computes in full; a causal kernel skips the masked half, so they count half.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    per_op = counter.get_flop_counts()["Global"]
+    batched = sum(n for op, n in per_op.items() if "bmm" in str(op) or "attention" in str(op))
+    return counter.get_total_flops() - batched / 2
+
+
+def bench(
+    preset: str, *, batch: int, seq: int, iters: int, precision: str = "fp32", warmup: int = 1
+) -> dict[str, float]:
     cfg, hf, ours = build_pair(preset, seed=0)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen)
     x, y = ids[:, :-1], ids[:, 1:]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+    def autocast():
+        return torch.autocast("cpu", dtype=dtype, enabled=precision != "fp32")
 
     def run_hf() -> None:
         hf.zero_grad(set_to_none=True)
-        logits = hf(x).logits
+        with autocast():
+            logits = hf(x).logits
         torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)).backward()
 
     def run_ours() -> None:
         ours.zero_grad(set_to_none=True)
-        ours.compute_loss(x, y, mtp_weight=0.0).total.backward()
+        with autocast():
+            loss = ours.compute_loss(x, y, mtp_weight=0.0).total
+        loss.backward()
 
     for _ in range(warmup):
         run_hf()
@@ -72,7 +118,12 @@ def bench(preset: str, *, batch: int, seq: int, iters: int, warmup: int = 1) -> 
     hf_s, ours_s = (statistics.median(t[0] for t in ts) for ts in (t_hf, t_ours))
     hf_cpu, ours_cpu = (statistics.median(t[1] for t in ts) for ts in (t_hf, t_ours))
     n_params = sum(p.numel() for p in hf.parameters())
-    return {"params_M": n_params / 1e6, "transformers_s": hf_s, "megads_s": ours_s, "ratio": ours_s / hf_s,
+    flops = matmul_flops(run_ours)
+    peak = peak_gemm_flops(dtype)
+    lower_bound_s = flops / peak
+    return {
+        "matmul_gflop": flops / 1e9, "peak_gflops": peak / 1e9, "lower_bound_s": lower_bound_s,
+        "lower_bound_ratio": lower_bound_s / hf_s, "megads_gemm_share_of_peak": lower_bound_s / ours_s,"params_M": n_params / 1e6, "transformers_s": hf_s, "megads_s": ours_s, "ratio": ours_s / hf_s,
             "transformers_cpu_s": hf_cpu, "megads_cpu_s": ours_cpu, "cpu_ratio": ours_cpu / hf_cpu,
             "experts_impl": str(hf.config._experts_implementation),
             "tokens_per_s_megads": batch * seq / ours_s, "tokens_per_s_transformers": batch * seq / hf_s}
@@ -85,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: both models' forwards under torch.autocast(cpu, bfloat16)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -92,10 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, "
-          f"batch {args.batch} x seq {args.seq}, float32, forward+backward")
+          f"batch {args.batch} x seq {args.seq}, {args.precision}, forward+backward")
     rows = []
     for preset in args.presets:
-        r = bench(preset, batch=args.batch, seq=args.seq, iters=args.iters)
+        r = bench(preset, batch=args.batch, seq=args.seq, iters=args.iters, precision=args.precision)
         rows.append((preset, r))
     print(f"peer: transformers DeepseekV3ForCausalLM, experts_implementation={rows[0][1]['experts_impl']}, sdpa")
     print(f"{'preset':8s} {'params':>9s} {'hf wall s':>10s} {'ours wall s':>12s} {'wall ratio':>11s} "
@@ -103,6 +156,12 @@ def main(argv: list[str] | None = None) -> None:
     for preset, r in rows:
         print(f"{preset:8s} {r['params_M']:8.1f}M {r['transformers_s']:10.3f} {r['megads_s']:12.3f} {r['ratio']:11.3f} "
               f"{r['transformers_cpu_s']:9.3f} {r['megads_cpu_s']:11.3f} {r['cpu_ratio']:10.3f}")
+    print("lower bound: the GEMMs alone at this machine's best GEMM rate, everything else free")
+    print(f"{'preset':8s} {'matmul GFLOP':>13s} {'best GEMM GFLOP/s':>18s} {'bound s':>8s} "
+          f"{'bound/transformers':>19s} {'megads at % of bound':>21s}")
+    for preset, r in rows:
+        print(f"{preset:8s} {r['matmul_gflop']:13.2f} {r['peak_gflops']:18.1f} {r['lower_bound_s']:8.3f} "
+              f"{r['lower_bound_ratio']:19.3f} {100 * r['megads_gemm_share_of_peak']:20.1f}%")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,13 @@ Three measurements, printed as tables (and written to --json):
    each all-to-all is a latency sleep followed by a real gloo all_to_all_single on a comm thread.
    Sequential (C + A) vs `pipeline.overlap.interleave` (goal: within 15% of max(C, A)).
 
-    .venv/bin/python -m tools.bench_pipeline                 # everything, ~2-3 minutes
-    .venv/bin/python -m tools.bench_pipeline --pps 4 --unit-ms 20 --part bubble
+    .venv/bin/python -m tools.bench_pipeline                 # everything, ~17 minutes (unit 300 ms)
+    .venv/bin/python -m tools.bench_pipeline --pps 4 --unit-ms 50 --part bubble   # a quick look
+
+The unit must be large against the fixed cost of a step on the machine (point-to-point hops and
+Python on the critical path, 20-90 ms per step on 2 CPU cores): that cost lands in the bubble, so
+small units inflate the smallest bubbles (ZB1P, DualPipe, F&B overlap) relative to the formula.
+`excess ms` in the table is that absolute cost.
 """
 
 from __future__ import annotations
@@ -190,6 +195,8 @@ def _bubble_worker(rank: int, pp: int, port: int, cfg: dict[str, Any], out: str)
     rows: dict[str, Any] = {}
     for impl, name, overlap in runs:
         key = f"{impl}:{name}{':overlap' if overlap else ''}"
+        if cfg.get("runs") and key not in cfg["runs"]:
+            continue
         try:
             if impl == "ours":
                 row = _run_ours(name, pp, m_total, unit, rank, overlap, cfg["repeats"])
@@ -239,6 +246,10 @@ def _summarise(pp: int, rows: dict[str, Any], cfg: dict[str, Any]) -> list[dict[
             row["bubble_units_mean"] = sum(bubble_busy) / len(bubble_busy) / unit
             row["peak_live"] = [r["peak_live"] for r in per_rank]
             row["stage_peak_live"] = [r["stage_peak_live"] for r in per_rank]
+        # the absolute excess over the formula: a fixed cost per step (point-to-point hops, Python,
+        # sleep overshoot on the critical path), so it shrinks relative to the bubble as the unit grows
+        measured = row.get("bubble_units_measured", row["bubble_units_work"])
+        row["excess_ms"] = (measured - row["formula_units"]) * unit * 1000.0
         row["best_step"] = best
         row["all_makespans_s"] = spans
         table.append(row)
@@ -335,7 +346,7 @@ def _overlap_worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pps", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--unit-ms", type=float, default=50.0, help="sleep of one F, B or W of one chunk")
+    ap.add_argument("--unit-ms", type=float, default=300.0, help="sleep of one F, B or W of one chunk")
     ap.add_argument("--mb-factor", type=int, default=3, help="micro-batches = factor * pp")
     ap.add_argument("--part", choices=["all", "bubble", "overlap"], default="all")
     ap.add_argument("--compute-ms", type=float, default=240.0, help="overlap part: compute of one F&B pair")
@@ -343,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         "--a2a-ms", type=float, default=240.0, help="overlap part: all-to-all latency of one F&B pair"
     )
     ap.add_argument("--repeats", type=int, default=2, help="measured steps per case (best kept)")
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        help="only these runs of the bubble part, e.g. ours:zb1p ours:dualpipe:overlap torch:dualpipev",
+    )
     ap.add_argument("--img-dir", default="docs/img")
     ap.add_argument("--json", default="outputs/bench_pipeline.json")
     args = ap.parse_args(argv)
@@ -352,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         "compute_ms": args.compute_ms,
         "a2a_ms": args.a2a_ms,
         "repeats": args.repeats,
+        "runs": args.runs,
     }
     report: dict[str, Any] = {"config": cfg, "torch": torch.__version__}
     tmpdir = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
@@ -401,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
 def _print_bubbles(table: list[dict[str, Any]]) -> None:
     print(
         f"{'pp':>3} {'run':28s} {'makespan s':>10} {'bubble(busy)':>12} {'bubble(work)':>12} {'formula':>8} "
-        f"{'ratio':>6}  peak live / rank"
+        f"{'ratio':>6} {'excess ms':>9}  peak live / rank"
     )
     for row in table:
         if "error" in row:
@@ -412,7 +430,7 @@ def _print_bubbles(table: list[dict[str, Any]]) -> None:
         busy = f"{row['bubble_units_measured']:.2f}" if "bubble_units_measured" in row else "-"
         print(
             f"{row['pp']:>3} {row['run']:28s} {row['makespan_s']:>10.3f} {busy:>12} {row['bubble_units_work']:>12.2f} "
-            f"{row['formula_units']:>8.2f} {ratio:>6.3f}  {row.get('peak_live', '-')}"
+            f"{row['formula_units']:>8.2f} {ratio:>6.3f} {row['excess_ms']:>9.1f}  {row.get('peak_live', '-')}"
         )
     by = {(r["pp"], r["run"]): r for r in table if "error" not in r}
     for pp in sorted({r["pp"] for r in table}):

@@ -68,6 +68,12 @@ class MLA(nn.Module):
 
         q_BTHQ = torch.cat([q_nope_BTHP, q_rope_BTHR], dim=-1)
         k_BTHQ = torch.cat([k_nope_BTHP, k_rope_BT1R.expand(B, T, self.n_heads, self.rope_dim)], dim=-1)
+        # Flash kernels (CPU and CUDA) need one head dim for q, k and v; with v_head_dim <
+        # qk_head_dim SDPA would fall back to the math path, which materialises the [T, T]
+        # scores. Zero columns appended to v leave the first v_dim output columns unchanged.
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.v_dim < qk_dim:
+            v_BTHV = F.pad(v_BTHV, (0, qk_dim - self.v_dim))
         # SDPA wants [B, H, T, *]
         out_BHTV = F.scaled_dot_product_attention(
             q_BTHQ.transpose(1, 2),
@@ -75,6 +81,6 @@ class MLA(nn.Module):
             v_BTHV.transpose(1, 2),
             is_causal=True,
             scale=self.softmax_scale,
-        )
+        )[..., : self.v_dim]
         out_BTX = out_BHTV.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)
         return self.o_proj(out_BTX)

@@ -20,47 +20,67 @@ class _GroupedMM(torch.autograd.Function):
     """y[rows of e] = x[rows of e] @ w[e]^T for contiguous row groups, without cat/stack copies.
 
     Outputs, input gradients and the [E, O, I] weight gradient are written in place into
-    preallocated buffers, which is what a grouped-GEMM kernel does on GPUs.
+    preallocated buffers, which is what a grouped-GEMM kernel does on GPUs. When x is in a lower
+    precision than w (autocast), each expert's weight is cast on its own just before its GEMM:
+    casting the whole [E, O, I] stack at once costs a large fresh allocation per call.
     """
 
     @staticmethod
     def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:  # type: ignore[override]
-        w = w_EOI.to(x_NI.dtype)
-        y_NO = x_NI.new_empty(x_NI.shape[0], w.shape[1])
+        y_NO = x_NI.new_empty(x_NI.shape[0], w_EOI.shape[1])
+        cast = w_EOI.dtype != x_NI.dtype
+        w_cast: list[torch.Tensor] = []  # the low-precision weights, kept for backward as F.linear does
         start = 0
         for e, n in enumerate(counts):
             if n:
-                torch.mm(x_NI[start:start + n], w[e].t(), out=y_NO[start:start + n])
+                w_OI = w_EOI[e].to(x_NI.dtype)
+                if cast:
+                    w_cast.append(w_OI)
+                torch.mm(x_NI[start:start + n], w_OI.t(), out=y_NO[start:start + n])
             start += n
-        ctx.save_for_backward(x_NI, w_EOI)
+        ctx.save_for_backward(x_NI, w_EOI, *w_cast)
         ctx.counts = counts
         return y_NO
 
     @staticmethod
     def backward(ctx, grad_NO: torch.Tensor):  # type: ignore[override]
-        x_NI, w_EOI = ctx.saved_tensors
-        w = w_EOI.to(grad_NO.dtype)
-        grad_NO = grad_NO.contiguous()
+        x_NI, w_EOI, *w_cast = ctx.saved_tensors
+        grad_NO = grad_NO.contiguous().to(x_NI.dtype)
         grad_x = x_NI.new_empty(x_NI.shape) if ctx.needs_input_grad[0] else None
-        grad_w = torch.empty_like(w_EOI, dtype=grad_NO.dtype) if ctx.needs_input_grad[1] else None
+        grad_w = torch.empty_like(w_EOI) if ctx.needs_input_grad[1] else None
+        same_dtype = not w_cast
+        cast_iter = iter(w_cast)
         start = 0
         for e, n in enumerate(ctx.counts):
             if not n and grad_w is not None:
                 grad_w[e].zero_()  # only experts without rows; the rest are fully overwritten
             if n:
                 g = grad_NO[start:start + n]
+                w_OI = w_EOI[e] if same_dtype else next(cast_iter)
                 if grad_x is not None:
-                    torch.mm(g, w[e], out=grad_x[start:start + n])
+                    torch.mm(g, w_OI, out=grad_x[start:start + n])
                 if grad_w is not None:
-                    torch.mm(g.t(), x_NI[start:start + n], out=grad_w[e])
+                    if same_dtype:
+                        torch.mm(g.t(), x_NI[start:start + n], out=grad_w[e])
+                    else:
+                        grad_w[e].copy_(torch.mm(g.t(), x_NI[start:start + n]))
             start += n
-        if grad_w is not None:
-            grad_w = grad_w.to(w_EOI.dtype)
         return grad_x, grad_w, None
 
 
 def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Row-grouped matmul: expert e multiplies its contiguous slice of rows by w[e]^T."""
+    """Row-grouped matmul: expert e multiplies its contiguous slice of rows by w[e]^T.
+
+    Under autocast the GEMMs run in the autocast dtype, as `F.linear` does: a custom autograd
+    Function is invisible to autocast, so without this cast the routed experts (most of a MoE
+    model's FLOPs) would silently stay in float32 inside a bf16 run. Weight gradients come back
+    in the weight's dtype.
+    """
+    device_type = x_NI.device.type
+    if torch.is_autocast_enabled(device_type):
+        x_NI = x_NI.to(torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type, enabled=False):
+            return _GroupedMM.apply(x_NI, w_EOI, counts)
     return _GroupedMM.apply(x_NI, w_EOI, counts)
 
 
