@@ -144,6 +144,24 @@ def test_grouped_linear_follows_autocast_like_linear() -> None:
     torch.testing.assert_close(x.grad, ref_gx)
 
 
+def test_moe_dispatches_in_the_autocast_dtype_with_the_same_result() -> None:
+    torch.manual_seed(7)
+    moe = MoE(TINY, factory=LinearFactory())
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 5, TINY.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = moe.route(x)
+        dispatched = moe.dispatch(x, routing)
+        assert dispatched.x_MD.dtype == torch.bfloat16  # half the all-to-all bytes
+        out = moe.combine(moe.experts_forward(dispatched), dispatched, routing, x)
+        # the float32 rows give the same output: the experts' GEMM casts them to bf16 itself
+        rows_fp32 = moe.dispatcher.dispatch(x.reshape(-1, TINY.hidden_size), routing.topk_idx_NK)
+        assert rows_fp32.x_MD.dtype == torch.float32
+        ref = moe.combine(moe.experts_forward(rows_fp32), rows_fp32, routing, x)
+    assert torch.isfinite(out).all() and torch.equal(out, ref)
+
+
 def test_moe_with_zero_tokens() -> None:
     moe = MoE(TINY, factory=LinearFactory())
     out, balance = moe(torch.zeros(0, 5, TINY.hidden_size))

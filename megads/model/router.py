@@ -46,7 +46,8 @@ class Router(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.scaling = cfg.routed_scaling_factor
         self.alpha = cfg.seq_aux_loss_alpha
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # initialised here too, so a Router (or MoE) built on its own never holds garbage memory
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size).normal_(std=cfg.initializer_range))
         # Selection bias: a persistent buffer (saved in checkpoints, never seen by the optimizer).
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         # Tokens routed to each expert since the last bias update (this rank's share).
