@@ -68,6 +68,14 @@ class _GroupedMM(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype autocast would give a GEMM input on x's device (x itself outside autocast)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
+
+
 def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Row-grouped matmul: expert e multiplies its contiguous slice of rows by w[e]^T.
 
@@ -76,12 +84,10 @@ def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) -> to
     model's FLOPs) would silently stay in float32 inside a bf16 run. Weight gradients come back
     in the weight's dtype.
     """
-    device_type = x_NI.device.type
-    if torch.is_autocast_enabled(device_type):
-        x_NI = x_NI.to(torch.get_autocast_dtype(device_type))
-        with torch.autocast(device_type, enabled=False):
-            return _GroupedMM.apply(x_NI, w_EOI, counts)
-    return _GroupedMM.apply(x_NI, w_EOI, counts)
+    x_NI = to_autocast_dtype(x_NI)
+    # the weights are cast inside, one expert at a time; autocast must not cast them again
+    with torch.autocast(x_NI.device.type, enabled=False):
+        return _GroupedMM.apply(x_NI, w_EOI, counts)
 
 
 class GroupedLinear(nn.Module):
