@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data.indexed import IndexedTokens, IndexedWriter
-from data.testing import write_token_file
+from megads.testing.data import write_token_file
 
 
 def _docs(seed: int = 0, n: int = 50, high: int = 1000) -> list[np.ndarray]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megads.parallel.executor import OptimSettings
-from megads.parallel.harness import (
+from megads.testing.parallel import (
     LayoutSpec,
     compare_with_reference,
     equivalence_worker,

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from megads.parallel.expert_parallel import AllToAllDispatcher
-from megads.parallel.harness import spawn
+from megads.testing.parallel import spawn
 
 E, K, D = 8, 3, 5
 

@@ -6,7 +6,7 @@ import pytest
 import torch.distributed as dist
 
 from megads.parallel.config import ParallelConfig
-from megads.parallel.harness import tiny_config, valid_layouts
+from megads.testing.parallel import tiny_config, valid_layouts
 from megads.parallel.mesh import (
     ParallelMesh,
     expand_nodelist,
@@ -120,7 +120,7 @@ def test_slurm_bootstrap_starts_a_real_group() -> None:
     import subprocess
     import sys
 
-    from megads.parallel.harness import free_port
+    from megads.testing.parallel import free_port
 
     port = free_port()
     procs = []

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megads.parallel.harness import spawn
+from megads.testing.parallel import spawn
 from megads.parallel.zero1 import Zero1AdamW
 
 STEPS = 3

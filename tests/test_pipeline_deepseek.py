@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from megads.parallel.executor import OptimSettings
-from megads.parallel.harness import spawn, tiny_config
-from megads.parallel.schedule_check import (
+from megads.testing.parallel import spawn, tiny_config
+from megads.testing.schedule_check import (
     ScheduleCase,
     compare_case,
     make_step_batches,

@@ -21,7 +21,7 @@ import time
 import torch
 
 from megads.parallel.executor import OptimSettings
-from megads.parallel.harness import (
+from megads.testing.parallel import (
     LayoutSpec,
     compare_with_reference,
     equivalence_worker,

@@ -101,6 +101,7 @@ def save_checkpoint(
     fingerprint: str = "",
     sharded: bool = False,
     full_model_on_rank0: bool = True,
+    extra_meta: dict[str, Any] | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the final folder.
 
@@ -109,6 +110,8 @@ def save_checkpoint(
     pp = ep = 1), its own share of the model (`model_rank_XXXXX.pt`).
 
     `fingerprint` identifies what a resume must not change (model, data, seq_len, micro-batch).
+    `extra_meta` goes into meta.json as it is (the trainer records the model config and the
+    parallel layout there, so that `megads-convert` and a resume can read them without the run).
     """
     root = Path(ckpt_dir)
     final = root / step_dir_name(step)
@@ -132,7 +135,7 @@ def save_checkpoint(
         meta = {
             "format": FORMAT_VERSION, "step": step, "tokens": tokens, "world_size": world_size,
             "fingerprint": fingerprint, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "sharded": sharded,
+            "sharded": sharded, **(extra_meta or {}),
         }
         meta_tmp = tmp / "meta.json.tmp"
         meta_tmp.write_text(json.dumps(meta, indent=1))

@@ -108,6 +108,21 @@ def run_fingerprint(cfg: TrainConfig, data_cfg: Any) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def checkpoint_meta(cfg: TrainConfig, *, world_size: int) -> dict[str, Any]:
+    """What meta.json records beside the step: the model config and the parallel layout.
+
+    `layout` is enough to place every rank's model file: rank = pp_rank * dp + dp_rank and
+    ep_rank = dp_rank % ep (megads.parallel.mesh); routed-expert tensors of a rank hold the
+    experts [ep_rank * E/ep, (ep_rank + 1) * E/ep) along dim 0.
+    """
+    p = cfg.parallel
+    return {
+        "model": dataclasses.asdict(cfg.model),
+        "layout": {"pp": p.pp, "ep": p.ep, "dp": p.data_parallel_size(world_size=world_size),
+                   "schedule": p.schedule, "stage_layers": p.stage_layers, "zero1": p.zero1},
+    }
+
+
 def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -398,12 +413,14 @@ def _train(
                     ckpt_dir, step=step, tokens=tokens, rank=env.rank, world_size=env.world_size, model=model,
                     optimizer=optimizer, loader_state=loader.state_dict(), keep_last=cfg.checkpoint.keep_last,
                     fingerprint=fingerprint, sharded=sharded, full_model_on_rank0=full_model_on_rank0,
+                    extra_meta=checkpoint_meta(cfg, world_size=env.world_size),
                 )
         if cfg.checkpoint.at_end and (last_ckpt is None or last_ckpt.name != f"step_{step:08d}"):
             last_ckpt = save_checkpoint(
                 ckpt_dir, step=step, tokens=tokens, rank=env.rank, world_size=env.world_size, model=model,
                 optimizer=optimizer, loader_state=loader.state_dict(), keep_last=cfg.checkpoint.keep_last,
                 fingerprint=fingerprint, sharded=sharded, full_model_on_rank0=full_model_on_rank0,
+                extra_meta=checkpoint_meta(cfg, world_size=env.world_size),
             )
     finally:
         if metrics_file is not None:
