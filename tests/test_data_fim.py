@@ -19,8 +19,8 @@ from data.indexed import IndexedTokens
 from data.loader import SourceStream, TrainLoader
 from data.preprocess import _split_safe, preprocess_source
 from data.sources import resolve_source
-from megads.testing.data import synthetic_code, tiny_tokenizer, write_token_file
 from data.tokenizer import EOS, FIM_BEGIN, FIM_END, FIM_HOLE, load_tokenizer
+from megads.testing.data import synthetic_code, tiny_tokenizer, write_token_file
 
 MARKS = dict(eos=EOS, fb=FIM_BEGIN, fh=FIM_HOLE, fe=FIM_END)
 

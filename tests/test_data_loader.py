@@ -17,8 +17,14 @@ import pytest
 from data.config import DataConfig, DataSourceConfig
 from data.indexed import IndexedTokens
 from data.loader import SourceStream, TrainLoader, build_train_loader
-from megads.testing.data import prepare_in_process, resumed_batches, synthetic_code, tiny_tokenizer, write_token_file
 from data.tokenizer import load_tokenizer
+from megads.testing.data import (
+    prepare_in_process,
+    resumed_batches,
+    synthetic_code,
+    tiny_tokenizer,
+    write_token_file,
+)
 
 BIG_VOCAB = 1 << 20  # uint32 token files: every synthetic token id can be unique
 

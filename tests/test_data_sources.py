@@ -16,8 +16,8 @@ from data.config import DataConfig, DataSourceConfig
 from data.indexed import IndexedTokens
 from data.preprocess import preprocess_source
 from data.sources import builtin_stdlib_files, iter_documents, resolve_source
-from megads.testing.data import synthetic_code, tiny_tokenizer
 from data.tokenizer import load_tokenizer
+from megads.testing.data import synthetic_code, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import pytest
 import torch.distributed as dist
 
 from megads.parallel.config import ParallelConfig
-from megads.testing.parallel import tiny_config, valid_layouts
 from megads.parallel.mesh import (
     ParallelMesh,
     expand_nodelist,
@@ -14,6 +13,7 @@ from megads.parallel.mesh import (
     plan_layout,
     read_dist_env,
 )
+from megads.testing.parallel import tiny_config, valid_layouts
 
 
 def test_valid_layouts_of_four_ranks() -> None:

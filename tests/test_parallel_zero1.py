@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megads.testing.parallel import spawn
 from megads.parallel.zero1 import Zero1AdamW
+from megads.testing.parallel import spawn
 
 STEPS = 3
 

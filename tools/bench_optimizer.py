@@ -28,8 +28,8 @@ from megads.model.balance import update_expert_bias
 from megads.model.config import ModelConfig
 from megads.model.transformer import DeepseekV3
 from megads.parallel.executor import OptimSettings, ParallelExecutor
-from megads.testing.parallel import free_port, make_batches
 from megads.parallel.mesh import ParallelMesh, plan_layout
+from megads.testing.parallel import free_port, make_batches
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 

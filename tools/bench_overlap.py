@@ -36,10 +36,10 @@ import torch.distributed as dist
 import megads.parallel.overlap_stage as overlap_stage
 from megads.model.config import ModelConfig
 from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules, shard_experts
-from megads.testing.parallel import spawn
 from megads.parallel.mesh import ParallelMesh, plan_layout
 from megads.parallel.overlap_stage import DeepseekOverlapStage, OverlapParallelExecutor
 from megads.parallel.stages import DeepseekStage, build_stage_model, piece_specs
+from megads.testing.parallel import spawn
 from pipeline.schedules import build_schedule
 from pipeline.stage import BackwardArgs, ForwardArgs
 

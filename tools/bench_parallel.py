@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 from megads.parallel.executor import OptimSettings, ParallelExecutor
-from megads.testing.parallel import make_batches, spawn, tiny_config
 from megads.parallel.mesh import ParallelMesh, plan_layout
+from megads.testing.parallel import make_batches, spawn, tiny_config
 
 LAYOUTS = [(2, 2), (1, 1)]  # (pp, ep) on 8 ranks: dp = 4 (= ep2 x edp2), dp = 8
 

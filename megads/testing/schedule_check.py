@@ -28,9 +28,9 @@ from megads.model.balance import update_expert_bias
 from megads.model.config import ModelConfig
 from megads.parallel.config import pieces_per_rank
 from megads.parallel.executor import OptimSettings, ParallelExecutor
-from megads.testing.parallel import reference_model_and_optimizer
 from megads.parallel.mesh import ParallelMesh, plan_layout
 from megads.parallel.overlap_stage import OverlapParallelExecutor
+from megads.testing.parallel import reference_model_and_optimizer
 
 
 @dataclass(frozen=True)
