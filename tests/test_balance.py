@@ -13,7 +13,7 @@ from megads.model import DeepseekV3, ModelConfig
 from megads.model.balance import routers, update_expert_bias
 from megads.model.router import Router
 from megads.train.config import OptimConfig
-from megads.train.optim import build_optimizer
+from megads.train.optim import param_groups_for
 
 
 def _toy_router() -> tuple[Router, torch.Tensor]:
@@ -106,12 +106,12 @@ def test_bias_is_never_an_optimizer_parameter() -> None:
                       q_lora_rank=8, qk_rope_head_dim=4, v_head_dim=4, qk_nope_head_dim=4, n_group=2,
                       topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1)
     model = DeepseekV3(cfg)
-    opt = build_optimizer(model.named_parameters(), OptimConfig())
-    in_groups = {id(p) for g in opt.param_groups for p in g["params"]}
+    groups = param_groups_for(model.named_parameters(), OptimConfig())
+    in_groups = {id(p) for g in groups for p in g["params"]}
     for r in routers(model).values():
         assert id(r.e_score_correction_bias) not in in_groups
         assert id(r.weight) in in_groups
     assert len(in_groups) == sum(1 for _ in model.parameters())
-    no_decay = next(g for g in opt.param_groups if g["group"] == "no_decay")
+    no_decay = next(g for g in groups if g["group"] == "no_decay")
     assert no_decay["weight_decay"] == 0.0
     assert all(n.endswith("norm.weight") or n.endswith("bias") for n in no_decay["names"]), no_decay["names"]

@@ -80,7 +80,7 @@ def test_every_layout_of_four_ranks(setup: dict[str, Any], tmp_path: Path) -> No
 
 
 def test_pp2_ep2_dp2_on_eight_ranks(setup: dict[str, Any], tmp_path: Path) -> None:
-    # driven through the trainer's StepExecutor.run protocol (megads.train.step)
+    # driven through ParallelExecutor.run, the call the trainer makes every step
     spec = LayoutSpec(2, 2, via_run=True)
     _run(setup, 8, [spec], tmp_path)
     # every rank reports the global expert load of every router (both stages' layers and MTP):

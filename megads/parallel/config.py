@@ -1,12 +1,10 @@
 """Parallel layout configuration (Hydra group `parallel`).
 
-This file starts as the contract between the trainer and `megads.parallel`: the trainer reads
-these fields, and `validate()` runs before any process group exists. The parallel package
-extends the validation (expert/stage divisibility, node-limited routing) and the executors
-that honour `pp`, `ep`, `schedule`, `zero1` and `moments_dtype`.
-
-Until those executors land the trainer runs every world size as plain data parallel (one
-replica per rank, gradients all-reduced) and warns about each field it ignores.
+The contract between the trainer and `megads.parallel`: the trainer reads these fields,
+`validate()` runs before any process group exists (with the layout checks of
+`megads.parallel.mesh.plan_layout`), and the one step executor
+(`megads.parallel.executor.ParallelExecutor`) honours every field. pp = 1 is no pipelining:
+`schedule` then plays no part.
 """
 
 from __future__ import annotations
@@ -48,8 +46,9 @@ class ParallelConfig:
         """Model pieces one pipeline rank holds: 2 for DualPipeV's V and interleaved 1F1B, else 1.
 
         (DualPipe holds two chunks per rank too, but they are replicas of the same pp pieces.)
+        Without pipelining (pp = 1) the schedule plays no part: one piece.
         """
-        return pieces_per_rank(self.schedule)
+        return pieces_per_rank(self.schedule) if self.pp > 1 else 1
 
     def plan(self, *, world_size: int, model: Any, ranks_per_node: int | None = None) -> Any:
         """`megads.parallel.mesh.plan_layout` for this config and a ModelConfig (numbers only)."""

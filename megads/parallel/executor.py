@@ -53,16 +53,34 @@ class OptimSettings:
     bucket_numel: int = 1 << 22
 
 
+MicroBatch = dict[str, torch.Tensor]  # {"input_ids": [mb, T], "labels": [mb, T]}
+
+
 @dataclass
 class StepMetrics:
-    loss: float  # total: lm + lambda*mtp + balance (global mean over micro-batches)
+    """Global figures of one optimizer step (the same on every rank).
+
+    Loss parts are means over every micro-batch of every data-parallel rank; `grad_norm` is the
+    global norm before clipping; `expert_load` holds each router's global load by module name
+    (as in the single-process model), `expert_load_RE` the same counts as one [R, E] table.
+    """
+
+    loss: float  # total: lm + lambda*mtp + balance
     lm: float
     mtp: float
     balance: float
     grad_norm: float
-    tokens: int
-    expert_load_RE: torch.Tensor  # global token counts per router slot and expert
+    tokens: int  # tokens in the global batch
+    micro_batches: int  # micro-batches per data-parallel rank
+    expert_load_RE: torch.Tensor
+    expert_load: dict[str, LoadStats] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def load_imbalance(self) -> float:
+        """Mean over routers of max/mean expert load (0 without MoE layers)."""
+        vals = [s.imbalance for s in self.expert_load.values()]
+        return sum(vals) / len(vals) if vals else 0.0
 
 
 def router_slots(model: nn.Module, *, cfg: ModelConfig) -> dict[int, Router]:
@@ -204,32 +222,15 @@ class ParallelExecutor:
         return self.run_microbatches(self.split_batch(input_ids_GT, labels_GT), mtp_weight=mtp_weight, lr=lr)
 
     def run(
-        self,
-        micro_batches: Sequence[dict[str, torch.Tensor]],
-        *,
-        lr: float,
-        mtp_weight: float,
-        bias_update_speed: float,
-        loss_scale: float = 1.0,
-    ) -> Any:
-        """The trainer's `StepExecutor` protocol (megads.train.step): this dp rank's micro-batches.
+        self, micro_batches: Sequence[MicroBatch], *, lr: float, mtp_weight: float, bias_update_speed: float
+    ) -> StepMetrics:
+        """The trainer's step: this data-parallel rank's micro-batches -> one optimizer update.
 
         Every pipeline rank of a data-parallel replica must be given the same micro-batches.
-        `loss_scale` is ignored: this path computes in float32/bfloat16 without loss scaling.
         """
-        from megads.train.step import StepMetrics as TrainMetrics
-
         self.optim_settings.bias_update_speed = bias_update_speed
         mbs = [(mb["input_ids"], mb["labels"]) for mb in micro_batches]
-        m = self.run_microbatches(mbs, mtp_weight=mtp_weight, lr=lr)
-        load = {}
-        for name, slot in global_router_names(self.cfg).items():
-            c = m.expert_load_RE[slot].float()
-            load[name] = LoadStats(max=float(c.max()), mean=float(c.mean()), min=float(c.min()), counts=c)
-        return TrainMetrics(
-            loss=m.loss, lm=m.lm, mtp=m.mtp, balance=m.balance, grad_norm=m.grad_norm,
-            tokens=m.tokens, micro_batches=len(mbs), expert_load=load,
-        )
+        return self.run_microbatches(mbs, mtp_weight=mtp_weight, lr=lr)
 
     def run_microbatches(
         self, mbs: Sequence[tuple[torch.Tensor, torch.Tensor]], *, mtp_weight: float, lr: float | None = None
@@ -254,9 +255,13 @@ class ParallelExecutor:
         denom = len(mbs) * self.mesh.dp
         lm, mtp, bal = (stats[:3] / denom).tolist()
         total = lm + bal + (mtp_weight * mtp if mtp_weight > 0 and self.cfg.num_nextn_predict_layers > 0 else 0.0)
+        load = {}
+        for name, slot in global_router_names(self.cfg).items():
+            c = load_RE[slot]
+            load[name] = LoadStats(max=float(c.max()), mean=float(c.mean()), min=float(c.min()), counts=c)
         return StepMetrics(
             loss=total, lm=lm, mtp=mtp, balance=bal, grad_norm=grad_norm,
-            tokens=int(stats[3]), expert_load_RE=load_RE,
+            tokens=int(stats[3]), micro_batches=len(mbs), expert_load_RE=load_RE, expert_load=load,
             extras={"a2a_rows_sent": sum(d.sent_rows for d in self._dispatchers()),
                     "a2a_remote_rows_sent": sum(d.sent_remote_rows for d in self._dispatchers()),
                     "max_nodes_per_token": max([d.max_nodes_per_token for d in self._dispatchers()], default=0)},
@@ -314,6 +319,23 @@ class ParallelExecutor:
         return load_RE.cpu()
 
     # ------------------------------------------------------------------ introspection
+    def describe(self) -> str:
+        """One line about what this rank holds (each rank logs its own)."""
+        m = self.model
+        layers = [int(k) for k in m.layers.keys()]  # type: ignore[union-attr]
+        parts = [f"layers {layers[0]}-{layers[-1]}" if layers else "no layers"]
+        if m.embed_tokens is not None:
+            parts.append("embedding")
+        if m.lm_head is not None:
+            parts.append("head + MTP" if m.mtp else "head")
+        n = sum(p.numel() for p in m.parameters())
+        experts = self.cfg.n_routed_experts // self.mesh.ep if self.cfg.n_routed_experts else 0
+        return (
+            f"{self.mesh.describe()}: {', '.join(parts)}; {n / 1e6:.2f}M parameters "
+            f"({experts} of {self.cfg.n_routed_experts} routed experts per MoE layer); optimizer state "
+            f"{self.optimizer.state_bytes() / 2**20:.1f} MiB ({'ZeRO-1' if self.optimizer.shard else 'replicated'})"
+        )
+
     def global_named_parameters(self) -> dict[str, tuple[torch.Tensor, int]]:
         """name -> (tensor, first global expert index of the slice along dim 0; 0 for non-experts)."""
         out: dict[str, tuple[torch.Tensor, int]] = {}

@@ -264,6 +264,9 @@ class ParallelMesh:
                     mesh.embed_group = grp
         return mesh
 
+    def describe_degrees(self) -> str:
+        return f"pp {self.pp}, dp {self.dp} (ep {self.ep}, edp {self.edp})"
+
     def describe(self) -> str:
         return (
             f"rank {self.rank}/{self.world_size}: pp {self.pp_rank}/{self.pp}, dp {self.dp_rank}/{self.dp} "
@@ -353,6 +356,11 @@ def init_distributed(*, backend: str, env: DistEnv | None = None, timeout_s: flo
 
     env = env or read_dist_env()
     if dist.is_initialized():
+        return env
+    if env.world_size == 1:
+        # one process: a one-rank group on an in-memory store (no port to collide with another run)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=timeout_s))
         return env
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))

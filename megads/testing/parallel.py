@@ -62,7 +62,7 @@ class LayoutSpec:
     schedule: str = "1f1b"
     zero1: bool = True
     ranks_per_node: int | None = None
-    via_run: bool = False  # drive the executor through the trainer's StepExecutor.run protocol
+    via_run: bool = False  # drive the executor through ParallelExecutor.run (the trainer's call)
 
     @property
     def tag(self) -> str:

@@ -5,9 +5,16 @@
     megads-train model=small precision=bf16 data=fallback logging.wandb.mode=disabled
 
 The config folder is located relative to this package (<repo>/conf), so the command works from
-any working directory of a source checkout (`pip install -e .`). Hydra's own output folders
-and logging setup are switched off in conf/config.yaml: the trainer writes the resolved config
-into its run folder itself.
+any working directory of a source checkout (`pip install -e .`).
+
+Run folders are Hydra's: `hydra.run.dir` for one run (default outputs/<model>-<schedule>, or
+outputs/<logging.run_name>), `hydra.sweep.dir`/`hydra.sweep.subdir` for each job of a multirun
+(`-m optim.lr=1e-3,2e-3`: multirun/<date>/<time>/<job number>_<overrides>); an explicit
+`run_dir=` wins over both. The trainer writes the resolved config into its run folder itself
+(Hydra's .hydra/ subfolder is off).
+
+Started as one process with a layout that needs several ranks (pp x ep > 1), megads-train
+starts them itself with `torchrun --standalone` on this machine, once per job of a sweep.
 """
 
 from __future__ import annotations
@@ -28,19 +35,53 @@ def _setup_logging() -> None:
     logger.propagate = False
 
 
+def _needed_ranks(train_cfg: object) -> int:
+    """The smallest world size the layout runs on (pp x ep: one data-parallel group of ep)."""
+    p = train_cfg.parallel  # type: ignore[attr-defined]
+    return max(1, p.pp * p.ep)
+
+
+def _quoted(value: str) -> str:
+    """A Hydra override value quoted so that `,` `=` and spaces in it stay literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _spawn_ranks(nproc: int, *, overrides: list[str], job_dir: str) -> None:
+    """Start `nproc` local ranks of this job with torchrun (what `make train` does itself)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "megads.train.cli", *overrides, f"hydra.run.dir={_quoted(job_dir)}"]
+    logging.getLogger("megads.train").info(
+        f"the layout needs {nproc} ranks and no launcher started any: running them here with "
+        f"`torchrun --standalone --nproc-per-node {nproc}` (start torchrun or srun yourself to choose)"
+    )
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        print(f"megads-train: the {nproc}-rank job failed (exit code {proc.returncode})", file=sys.stderr)
+        sys.exit(proc.returncode)
+
+
 def _run(cfg: object) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from megads.train.config import ConfigError, to_train_config
+    from megads.parallel.mesh import read_dist_env
+    from megads.train.config import ConfigError, default_run_name, to_train_config
     from megads.train.trainer import train
 
-    choices = HydraConfig.get().runtime.choices
-    model, schedule = choices.get("model"), choices.get("schedule")
-    run_name = model if model == schedule or not schedule else f"{model}-{schedule}"
+    hydra_cfg = HydraConfig.get()
+    choices = hydra_cfg.runtime.choices
+    run_name = default_run_name(None, choices.get("model"), choices.get("schedule"))
+    job_dir = hydra_cfg.runtime.output_dir  # hydra.run.dir, or the sweep job's folder
     try:
         train_cfg = to_train_config(cfg)
-        train(train_cfg, run_name=run_name or "run", resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+        need = _needed_ranks(train_cfg)
+        if read_dist_env().source == "single" and need > 1:
+            _spawn_ranks(need, overrides=list(hydra_cfg.overrides.task), job_dir=job_dir)
+            return
+        train(train_cfg, run_name=run_name, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+              job_dir=job_dir)
     except ConfigError as e:
         print(f"megads-train: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -54,10 +95,11 @@ def main() -> None:
         )
     import hydra
 
-    from megads.train.config import register_configs
+    from megads.train.config import register_configs, register_resolvers
 
     _setup_logging()
     register_configs()
+    register_resolvers()
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_run)()
 
 

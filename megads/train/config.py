@@ -39,7 +39,8 @@ class OptimConfig:
     weight_decay: float = 0.1
     decay_embedding: bool = True
     clip_grad: float = 1.0  # global gradient-norm clipping; 0 disables
-    fused: bool | None = None  # None = fused kernel on CUDA, the foreach one on CPU
+    # (no `fused` switch: megads' ZeRO-1 optimizer always runs torch's fused AdamW kernel on its
+    # flat fp32 shards, or its own chunked update with bf16 moments)
 
 
 @dataclass
@@ -108,6 +109,9 @@ class CheckpointConfig:
     keep_last: int = 2  # completed checkpoints kept (older ones deleted); 0 = keep all
     at_end: bool = True
     resume: str = "auto"  # auto = latest checkpoint in dir, if any | never | <path of a step_* dir>
+    # A resume refuses a checkpoint trained with other optim.* / schedule.* / precision values
+    # (the run length excepted); true applies the new values from the resumed step on.
+    allow_changed_settings: bool = False
 
 
 @dataclass
@@ -137,6 +141,23 @@ def register_configs() -> None:
     cs.store(group="schedule", name="schedule_schema", node=ScheduleConfig)
     cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
     cs.store(group="logging", name="logging_schema", node=LoggingConfig)
+
+
+def default_run_name(explicit: str | None, model: str | None, schedule: str | None) -> str:
+    """logging.run_name when set, else "<model>-<schedule>" ("<model>" when both are one name)."""
+    if explicit:
+        return str(explicit)
+    if not schedule or model == schedule:
+        return str(model or "run")
+    return f"{model}-{schedule}"
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers used by conf/config.yaml (`${megads_run_name:...}` in hydra.run.dir)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("megads_run_name"):
+        OmegaConf.register_new_resolver("megads_run_name", default_run_name)
 
 
 def to_train_config(cfg: Any) -> TrainConfig:

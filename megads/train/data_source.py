@@ -15,8 +15,13 @@ from megads.train.config import ConfigError
 from megads.train.fallback_data import FallbackDataConfig, build_fallback_loader
 
 
-def resolve_data_config(raw: Any) -> Any:
-    """The typed, validated data config of a composed `data` node."""
+def resolve_data_config(raw: Any, *, check_paths: bool = False) -> Any:
+    """The typed, validated data config of a composed `data` node.
+
+    `check_paths` also requires every configured input (sources, tokenizer, fallback root) to
+    exist: the trainer asks for it before any process group starts, a dry-run validation of a
+    cluster recipe on another machine does not.
+    """
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -44,7 +49,35 @@ def resolve_data_config(raw: Any) -> Any:
         obj.validate()
     except ValueError as e:
         raise ConfigError(f"invalid data config: {e}") from None
+    if getattr(obj, "return_document_boundaries", False):
+        raise ConfigError(
+            "data.return_document_boundaries=true: the trainer packs documents without a cross-document "
+            "attention mask (the DeepSeek-V3 recipe), so the boundaries would be ignored; set it to false "
+            "(the data pipeline's loader still returns them to other callers)"
+        )
+    if check_paths:
+        _check_input_paths(obj)
     return obj
+
+
+def _check_input_paths(obj: Any) -> None:
+    """Every configured input exists (ConfigError naming the field and the path otherwise)."""
+    from pathlib import Path
+
+    named: list[tuple[str, Any]] = []
+    if isinstance(obj, FallbackDataConfig):
+        named.append(("data.root", obj.root))
+    else:
+        named.append(("data.tokenizer", obj.tokenizer))
+        named += [(f"data.sources[{i}].path", src.path) for i, src in enumerate(obj.sources)]
+    missing = [f"{field}={path!r} ({Path(path).expanduser().absolute()})" for field, path in named
+               if path is not None and not Path(path).expanduser().exists()]
+    if missing:
+        raise ConfigError(
+            "data: these inputs do not exist:\n    " + "\n    ".join(missing)
+            + "\n  fix the paths (relative ones are read from the launch folder), or use the built-in corpus "
+            "with data=builtin"
+        )
 
 
 def build_loader(data_cfg: Any, *, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> Any:

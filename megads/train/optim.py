@@ -1,19 +1,19 @@
-"""Optimizer construction: torch.optim.AdamW with Megatron-style weight-decay groups.
+"""Weight-decay groups of AdamW (Megatron-style), handed to megads' ZeRO-1 optimizer.
 
 Two parameter groups: `decay` (matrices, the output head, the embedding unless
 `decay_embedding` is false) and `no_decay` (every 1-D parameter: RMSNorm weights and biases).
 Buffers such as the routers' selection bias are not parameters, so they can never enter a
 group. The learning rate in the groups is set by the step executor on every step.
 
-A ZeRO-1 executor (megads.parallel) replaces this function with its sharded optimizer; it
-should keep the same grouping rule (`param_groups_for`).
+The optimizer itself is megads.parallel.zero1.Zero1AdamW (sharded or replicated), built by
+the executor from these groups; each group carries the parameter names, by which ZeRO-1 state
+is saved and loaded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from torch import nn
 
 from megads.train.config import OptimConfig
@@ -45,17 +45,3 @@ def param_groups_for(
         {"params": decay, "weight_decay": cfg.weight_decay, "group": "decay", "names": decay_names},
         {"params": no_decay, "weight_decay": 0.0, "group": "no_decay", "names": no_decay_names},
     ]
-
-
-def build_optimizer(
-    named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig, *, device_type: str = "cpu"
-) -> torch.optim.Optimizer:
-    """AdamW over `named_params` (e.g. `model.named_parameters()`), lr set later per step."""
-    if cfg.name != "adamw":
-        raise ValueError(f"optim.name={cfg.name!r}: only 'adamw' is implemented")
-    groups = param_groups_for(named_params, cfg)
-    fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
-    kwargs: dict[str, object] = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(float(cfg.betas[0]), float(cfg.betas[1])), eps=cfg.eps, **kwargs
-    )

@@ -1,27 +1,27 @@
 """The training loop: validate, set up, run steps by the token schedule, checkpoint, report.
 
-Order of events on every rank (torchrun env:// or a single process):
+Order of events on every rank (torchrun / srun env, or a single process):
 
-    1. validate the whole config (model, data, parallel, schedule) -- no process group yet
-    2. init the process group (gloo on CPU, nccl on GPU) when WORLD_SIZE > 1
-    3. seed, build the model (same seed on every rank, then a broadcast from rank 0),
-       AdamW, the step executor and this rank's data loader
-    4. resume from the latest checkpoint of the run folder (checkpoint.resume=auto)
+    1. validate the whole config (model, data, parallel, schedule) -- no process group yet;
+       rank 0 takes the run-folder lock, checks the folder is writable, finds the checkpoint to
+       resume from and checks it against this launch (megads.train.preflight)
+    2. init the process group (gloo on CPU, nccl on GPU; a one-rank group for one process)
+    3. seed; the one step executor (megads.parallel.executor.ParallelExecutor) builds this
+       rank's share of the model under the seed (the whole model when pp = ep = 1), its ZeRO-1
+       AdamW and the pipeline schedule; this rank's data loader (sharded by data-parallel rank)
+    4. resume from the checkpoint found in 1
     5. per step: global batch from the ramp -> this rank's micro-batches; lr, MTP weight and
-       bias-update speed from the token schedule; executor.run (fwd/bwd, all-reduce, clip,
-       AdamW, bias update); rank 0 logs global figures to the console, metrics.jsonl, wandb
+       bias-update speed from the token schedule; executor.run (schedule, ZeRO-1, clip, AdamW,
+       bias update); rank 0 logs global figures to the console, metrics.jsonl, wandb
     6. checkpoint every checkpoint.every_steps and at the end; PNGs; print where results are
 
-The per-step work lives in a `StepExecutor` (megads.train.step) and the optimizer in
-`build_optimizer` (megads.train.optim), so megads.parallel can replace both in
-`make_executor` without touching the loop.
+Plain data parallel and a single process are the pp = 1 case of the same executor, as
+Megatron-Core treats "no pipelining" as one more schedule: there is one code path per step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import hashlib
 import json
 import logging
 import os
@@ -34,44 +34,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megads.model import DeepseekV3, count_parameters
-from megads.parallel.train_glue import build_train_executor, describe_rank, needs_parallel_executor
-from megads.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from megads.model import count_parameters
+from megads.parallel.executor import OptimSettings, ParallelExecutor, StepMetrics
+from megads.parallel.mesh import DistEnv, ParallelMesh, init_distributed, read_dist_env
+from megads.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from megads.train.config import ConfigError, TrainConfig, validate_config
 from megads.train.data_source import build_loader, resolve_data_config
 from megads.train.monitor import WandbLogger, plot_expert_load, plot_loss
-from megads.train.optim import build_optimizer
+from megads.train.optim import param_groups_for
+from megads.train.preflight import (
+    check_resume,
+    check_writable,
+    checkpoint_meta,
+    find_resume,
+    resolve_run_dir,
+    run_fingerprint,
+)
 from megads.train.schedule import bias_update_speed_at, global_batch_at, lr_at, mtp_weight_at, plan_run
-from megads.train.step import LocalStepExecutor, StepExecutor, StepMetrics
 
 log = logging.getLogger("megads.train")
-
-
-@dataclass
-class DistEnv:
-    """Rank layout read from the launcher's environment (torchrun); 1 process when absent."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-
-    @classmethod
-    def from_env(cls) -> DistEnv:
-        env = os.environ
-        if "RANK" not in env and "SLURM_PROCID" in env:
-            # started by srun without torchrun: the layout from Slurm's variables, exported for env://
-            from megads.parallel.mesh import read_dist_env
-
-            d = read_dist_env()
-            env.update({"RANK": str(d.rank), "WORLD_SIZE": str(d.world_size), "LOCAL_RANK": str(d.local_rank),
-                        "LOCAL_WORLD_SIZE": str(d.local_world_size)})
-            env.setdefault("MASTER_ADDR", d.master_addr)
-            env.setdefault("MASTER_PORT", str(d.master_port))
-        return cls(
-            rank=int(env.get("RANK", 0)), world_size=int(env.get("WORLD_SIZE", 1)),
-            local_rank=int(env.get("LOCAL_RANK", 0)), local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
-        )
 
 
 @dataclass
@@ -98,31 +79,6 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def run_fingerprint(cfg: TrainConfig, data_cfg: Any) -> str:
-    """A hash of what a resumed run must not change: model, data source, seq_len, micro-batch."""
-    what = {
-        "model": dataclasses.asdict(cfg.model),
-        "data": dataclasses.asdict(data_cfg) if dataclasses.is_dataclass(data_cfg) else repr(data_cfg),
-        "seq_len": cfg.seq_len, "micro_batch_size": cfg.parallel.micro_batch_size,
-    }
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def checkpoint_meta(cfg: TrainConfig, *, world_size: int) -> dict[str, Any]:
-    """What meta.json records beside the step: the model config and the parallel layout.
-
-    `layout` is enough to place every rank's model file: rank = pp_rank * dp + dp_rank and
-    ep_rank = dp_rank % ep (megads.parallel.mesh); routed-expert tensors of a rank hold the
-    experts [ep_rank * E/ep, (ep_rank + 1) * E/ep) along dim 0.
-    """
-    p = cfg.parallel
-    return {
-        "model": dataclasses.asdict(cfg.model),
-        "layout": {"pp": p.pp, "ep": p.ep, "dp": p.data_parallel_size(world_size=world_size),
-                   "schedule": p.schedule, "stage_layers": p.stage_layers, "zero1": p.zero1},
-    }
-
-
 def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -139,46 +95,38 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | N
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def check_supported_layout(cfg: TrainConfig, *, rank: int, world_size: int = 1) -> None:
-    """Warn about what the local (plain data-parallel) executor cannot honour.
+def build_executor(
+    cfg: TrainConfig, *, env: DistEnv, device: torch.device, autocast_dtype: torch.dtype | None
+) -> ParallelExecutor:
+    """Plan the layout (numbers only), build the mesh and this rank's executor.
 
-    Layouts with pp > 1, ep > 1, or ZeRO-1 on several ranks run on megads.parallel's executor,
-    which honours every parallel.* field.
+    The executor builds its share of the model under `cfg.seed` (the same initial weights as
+    the single-process `DeepseekV3(cfg.model)` after `torch.manual_seed(cfg.seed)`) and its
+    ZeRO-1 AdamW over the weight-decay groups of `param_groups_for`.
     """
-    p = cfg.parallel
-    if needs_parallel_executor(p, world_size=world_size):
-        return
-    if rank == 0:
-        ignored = [n for n, v in (("zero1", p.zero1), ("moments_dtype", p.moments_dtype != "float32"),
-                                  ("stage_layers", p.stage_layers is not None)) if v]
-        if ignored:
-            log.warning(
-                f"warning: parallel.{', parallel.'.join(ignored)} ignored: the local executor keeps full "
-                "float32 optimizer state on every data-parallel rank (megads.parallel brings ZeRO-1)"
-            )
-
-
-def make_executor(
-    cfg: TrainConfig, model: DeepseekV3, *, device: torch.device, autocast_dtype: torch.dtype | None,
-    group: dist.ProcessGroup | None,
-) -> tuple[StepExecutor, torch.optim.Optimizer]:
-    """The step executor and optimizer of this layout (the hook megads.parallel replaces)."""
-    optimizer = build_optimizer(model.named_parameters(), cfg.optim, device_type=device.type)
-    executor = LocalStepExecutor(
-        model, optimizer, clip_grad=cfg.optim.clip_grad, device=device, autocast_dtype=autocast_dtype, group=group
+    p, o = cfg.parallel, cfg.optim
+    try:
+        plan = p.plan(world_size=env.world_size, model=cfg.model, ranks_per_node=env.local_world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    mesh = ParallelMesh.build(plan)
+    optim = OptimSettings(
+        lr=o.lr, betas=(float(o.betas[0]), float(o.betas[1])), eps=o.eps, weight_decay=o.weight_decay,
+        max_grad_norm=o.clip_grad, bucket_numel=p.bucket_numel,
     )
-    return executor, optimizer
+    executor_cls: type[ParallelExecutor] = ParallelExecutor
+    if p.overlap_fb and p.pp > 1 and p.schedule in ("dualpipe", "dualpipev"):
+        # the overlapped stage pays off where the schedule has F&B pairs
+        from megads.parallel.overlap_stage import OverlapParallelExecutor
 
-
-def _broadcast_parameters(model: torch.nn.Module) -> None:
-    tensors = list(model.parameters()) + list(model.buffers())
-    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
-    dist.broadcast(flat, src=0)
-    offset = 0
-    with torch.no_grad():
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+        executor_cls = OverlapParallelExecutor
+    return executor_cls(
+        cfg.model, mesh=mesh, plan=plan, schedule=p.schedule if p.pp > 1 else "1f1b",
+        micro_batch_size=p.micro_batch_size, seed=cfg.seed, optim=optim, zero1=p.zero1,
+        moments_dtype=torch.bfloat16 if p.moments_dtype == "bfloat16" else torch.float32,
+        device=device, autocast_dtype=autocast_dtype,
+        param_groups_fn=lambda model: param_groups_for(model.named_parameters(), o),
+    )
 
 
 def _save_text_atomic(path: Path, text: str) -> None:
@@ -210,68 +158,58 @@ def _history_entry(step: int, tokens: float, m: StepMetrics, *, lr: float, mtp_w
     return h
 
 
-def train(cfg: TrainConfig, *, run_name: str | None = None, resolved_yaml: str | None = None) -> TrainResult:
-    """Run (or resume) the training job `cfg` on this rank; collective under torchrun."""
-    env = DistEnv.from_env()
+def train(
+    cfg: TrainConfig, *, run_name: str | None = None, resolved_yaml: str | None = None,
+    job_dir: str | Path | None = None,
+) -> TrainResult:
+    """Run (or resume) the training job `cfg` on this rank; collective under torchrun / srun.
+
+    `job_dir` is the Hydra job's output folder (hydra.run.dir, or the sweep job's folder under
+    hydra.sweep.dir); an explicit `run_dir` wins over it.
+    """
+    env = read_dist_env()
     validate_config(cfg, world_size=env.world_size)
-    check_supported_layout(cfg, rank=env.rank, world_size=env.world_size)
-    data_cfg = resolve_data_config(cfg.data)
+    data_cfg = resolve_data_config(cfg.data, check_paths=True)
     device = resolve_device(cfg, env)
     autocast_dtype = resolve_precision(cfg, device)
     run_name = cfg.logging.run_name or run_name or "run"
-    run_dir = Path(cfg.run_dir or os.path.join("outputs", run_name)).absolute()
+    run_dir = resolve_run_dir(cfg, job_dir=job_dir, run_name=run_name)
     ckpt_dir = Path(cfg.checkpoint.dir).absolute() if cfg.checkpoint.dir else run_dir / "checkpoints"
-    resume_from: Path | None = None
-    if cfg.checkpoint.resume == "auto":
-        resume_from = latest_checkpoint(ckpt_dir)
-    elif cfg.checkpoint.resume == "never":
-        existing = latest_checkpoint(ckpt_dir)
-        if existing is not None:
-            raise ConfigError(
-                f"checkpoint.resume=never but {ckpt_dir} already holds checkpoints (latest {existing.name}); "
-                "new ones would mix with them: delete that folder or choose another run_dir / checkpoint.dir"
-            )
-    else:
-        resume_from = Path(cfg.checkpoint.resume)
-        if not (resume_from / "meta.json").is_file():
-            raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r} is not a completed step_* checkpoint folder")
     fingerprint = run_fingerprint(cfg, data_cfg)
-    if resume_from is not None:
-        meta = json.loads((resume_from / "meta.json").read_text())
-        if meta.get("world_size") != env.world_size:
-            raise ConfigError(
-                f"{resume_from} was written by {meta.get('world_size')} ranks, this launch has {env.world_size}; "
-                f"resume with {meta.get('world_size')} ranks, or start afresh with another run_dir"
-            )
-        if meta.get("fingerprint") != fingerprint:
-            raise ConfigError(
-                f"{resume_from} belongs to a run with a different model, data, seq_len or micro-batch size "
-                f"than this config; set another run_dir (or logging.run_name) for the new run, or delete "
-                f"{ckpt_dir} to start over in this folder"
-            )
+    resume_from: Path | None = None
+    changed_settings: list[str] = []
+    if env.rank == 0:
+        # Everything that can refuse the launch, before a process group or a model exists. Only
+        # rank 0 looks (the others wait in the rendezvous and take its answer).
+        check_writable(run_dir, what="the run folder")
+        check_writable(ckpt_dir, what="the checkpoint folder")
+        resume_from = find_resume(cfg, ckpt_dir=ckpt_dir)
+        if resume_from is not None:
+            changed_settings = check_resume(cfg, resume_from=resume_from, world_size=env.world_size,
+                                            fingerprint=fingerprint)
 
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
-    group: dist.ProcessGroup | None = None
-    if env.world_size > 1:
-        backend = cfg.parallel.resolve_backend(cuda=device.type == "cuda")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
-        group = dist.group.WORLD
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    init_distributed(backend=cfg.parallel.resolve_backend(cuda=device.type == "cuda"), env=env)
     try:
-        return _train(cfg, env=env, device=device, autocast_dtype=autocast_dtype, group=group, data_cfg=data_cfg,
+        # rank 0's answers for every rank (its clock and file system view decide)
+        shared = [run_dir, ckpt_dir, resume_from, changed_settings]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir, ckpt_dir, resume_from, changed_settings = shared
+        return _train(cfg, env=env, device=device, autocast_dtype=autocast_dtype, data_cfg=data_cfg,
                       run_name=run_name, run_dir=run_dir, ckpt_dir=ckpt_dir, resume_from=resume_from,
-                      resolved_yaml=resolved_yaml, fingerprint=fingerprint)
+                      changed_settings=changed_settings, resolved_yaml=resolved_yaml, fingerprint=fingerprint)
     finally:
-        if env.world_size > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(
     cfg: TrainConfig, *, env: DistEnv, device: torch.device, autocast_dtype: torch.dtype | None,
-    group: dist.ProcessGroup | None, data_cfg: Any, run_name: str, run_dir: Path, ckpt_dir: Path,
-    resume_from: Path | None, resolved_yaml: str | None, fingerprint: str,
+    data_cfg: Any, run_name: str, run_dir: Path, ckpt_dir: Path, resume_from: Path | None,
+    changed_settings: list[str], resolved_yaml: str | None, fingerprint: str,
 ) -> TrainResult:
     rank0 = env.rank == 0
     say = log.info if rank0 else (lambda *a, **k: None)
@@ -283,28 +221,13 @@ def _train(
         np.random.seed(cfg.seed)
     except ImportError:
         pass
-    executor: StepExecutor
-    if group is not None and needs_parallel_executor(cfg.parallel, world_size=env.world_size):
-        # pipeline / expert parallel / ZeRO-1: megads.parallel builds this rank's share of the
-        # model (same initial weights as DeepseekV3(cfg.model) under cfg.seed) and its optimizer
-        try:
-            pex, mesh = build_train_executor(
-                cfg, world_size=env.world_size, local_world_size=env.local_world_size, device=device,
-                autocast_dtype=autocast_dtype,
-            )
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        executor, model, optimizer = pex, pex.model, pex.optimizer
-        dp_rank, dp_size = mesh.dp_rank, mesh.dp
-        sharded, full_model_on_rank0 = True, cfg.parallel.pp == 1 and cfg.parallel.ep == 1
-        log.info(describe_rank(pex))  # every rank: what it holds
-    else:
-        model = DeepseekV3(cfg.model).to(device)
-        if group is not None:
-            _broadcast_parameters(model)
-        executor, optimizer = make_executor(cfg, model, device=device, autocast_dtype=autocast_dtype, group=group)
-        dp_rank, dp_size = env.rank, cfg.parallel.data_parallel_size(world_size=env.world_size)
-        sharded, full_model_on_rank0 = False, True
+    executor = build_executor(cfg, env=env, device=device, autocast_dtype=autocast_dtype)
+    model, optimizer, mesh = executor.model, executor.optimizer, executor.mesh
+    dp_rank, dp_size = mesh.dp_rank, mesh.dp
+    # rank 0 holds the whole model when nothing is split across ranks (one model.pt)
+    full_model_on_rank0 = cfg.parallel.pp == 1 and cfg.parallel.ep == 1
+    if env.world_size > 1:
+        log.info(executor.describe())  # every rank: what it holds
     mb = cfg.parallel.micro_batch_size
     loader = build_loader(data_cfg, seq_len=cfg.seq_len, micro_batch_size=mb, dp_rank=dp_rank, dp_size=dp_size)
     if loader.vocab_size > cfg.model.vocab_size:
@@ -319,7 +242,7 @@ def _train(
     step, tokens = 0, 0.0
     if resume_from is not None:
         state = load_checkpoint(resume_from, rank=env.rank, world_size=env.world_size, model=model,
-                                optimizer=optimizer, sharded=sharded)
+                                optimizer=optimizer, sharded=True)
         step, tokens = state["step"], state["tokens"]
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
@@ -338,8 +261,7 @@ def _train(
         n_params = sum(p.numel() for p in model.parameters())
         first_batch = global_batch_at(tokens=0, sched=sched, multiple=multiple)
         say(f"run {run_name!r} in {run_dir}")
-        say(f"ranks {env.world_size} (data parallel {dp_size}, backend "
-            f"{dist.get_backend() if group is not None else 'none'}), device {device}, "
+        say(f"ranks {env.world_size} ({mesh.describe_degrees()}, backend {dist.get_backend()}), device {device}, "
             f"precision {'bf16 autocast' if autocast_dtype is not None else 'fp32'}")
         say(f"model: {_fmt(pc.total)} parameters ({_fmt(pc.activated)} activated per token) + MTP {_fmt(pc.mtp)}; "
             f"{_fmt(n_params)} in this replica; optimizer groups "
@@ -354,6 +276,9 @@ def _train(
             f"steps (ends at {_fmt(plan.warmup_end_tokens)} tokens); peak lr {cfg.optim.lr:g}")
         if resume_from is not None:
             say(f"resumed from {resume_from} at step {step}, {_fmt(tokens)} tokens")
+            for line in changed_settings:
+                say(f"  changed setting (checkpoint.allow_changed_settings=true), applies from step {step + 1}: "
+                    f"{line}")
 
     wandb = (
         WandbLogger(cfg.logging.wandb, run_dir=run_dir, run_name=run_name,
@@ -375,7 +300,7 @@ def _train(
             mtp_w = mtp_weight_at(tokens=tokens, sched=sched)
             gamma = bias_update_speed_at(tokens=tokens, sched=sched)
             # One measured pipeline timeline per run: the second step (the first pays for warm-up).
-            record = hasattr(executor, "record_next_step") and step == steps_at_start + 1
+            record = step == steps_at_start + 1
             if record:
                 executor.record_next_step = True
             m = executor.run(micro, lr=lr, mtp_weight=mtp_w, bias_update_speed=gamma)
@@ -412,14 +337,14 @@ def _train(
                 last_ckpt = save_checkpoint(
                     ckpt_dir, step=step, tokens=tokens, rank=env.rank, world_size=env.world_size, model=model,
                     optimizer=optimizer, loader_state=loader.state_dict(), keep_last=cfg.checkpoint.keep_last,
-                    fingerprint=fingerprint, sharded=sharded, full_model_on_rank0=full_model_on_rank0,
+                    fingerprint=fingerprint, sharded=True, full_model_on_rank0=full_model_on_rank0,
                     extra_meta=checkpoint_meta(cfg, world_size=env.world_size),
                 )
         if cfg.checkpoint.at_end and (last_ckpt is None or last_ckpt.name != f"step_{step:08d}"):
             last_ckpt = save_checkpoint(
                 ckpt_dir, step=step, tokens=tokens, rank=env.rank, world_size=env.world_size, model=model,
                 optimizer=optimizer, loader_state=loader.state_dict(), keep_last=cfg.checkpoint.keep_last,
-                fingerprint=fingerprint, sharded=sharded, full_model_on_rank0=full_model_on_rank0,
+                fingerprint=fingerprint, sharded=True, full_model_on_rank0=full_model_on_rank0,
                 extra_meta=checkpoint_meta(cfg, world_size=env.world_size),
             )
     finally:
