@@ -70,7 +70,7 @@ def hf_logits(model: DeepseekV3ForCausalLM, ids: torch.Tensor) -> torch.Tensor:
 
 def ours_logits(model: megads.model.DeepseekV3, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model.eval()(ids).logits_BTV
+        return model.eval()(ids).logits
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -195,8 +195,8 @@ def test_causality_and_mtp_alignment() -> None:
     with torch.no_grad():
         a, b = model(ids), model(changed)
     # (SDPA's blocked kernels leave ~1e-9 noise; a real dependence moves logits by >1e-3)
-    torch.testing.assert_close(a.logits_BTV[:, :8], b.logits_BTV[:, :8], rtol=0, atol=1e-6)
-    assert (a.logits_BTV[:, 8] - b.logits_BTV[:, 8]).abs().max() > 1e-3
+    torch.testing.assert_close(a.logits[:, :8], b.logits[:, :8], rtol=0, atol=1e-6)
+    assert (a.logits[:, 8] - b.logits[:, 8]).abs().max() > 1e-3
     # depth 1 at position i embeds token i+1: position 7 sees token 8, position 6 does not
     torch.testing.assert_close(a.mtp_logits[0][:, :7], b.mtp_logits[0][:, :7], rtol=0, atol=1e-6)
     assert (a.mtp_logits[0][:, 7] - b.mtp_logits[0][:, 7]).abs().max() > 1e-3

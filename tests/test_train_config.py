@@ -33,7 +33,7 @@ def test_default_config_is_valid_for_make_train() -> None:
 
 def test_pretrain_recipe_validates_for_a_cluster_layout() -> None:
     cfg = _compose("model=deepseek_v3_671b", "schedule=pretrain", "optim=adamw", "seq_len=4096",
-                   "parallel.micro_batch_size=1")
+                   "parallel=dp", "parallel.micro_batch_size=1")
     validate_config(cfg, world_size=128)  # 128 data-parallel ranks: 3072 and 15360 are multiples
     with pytest.raises(ConfigError, match="multiple of parallel.micro_batch_size"):
         validate_config(cfg, world_size=2048)

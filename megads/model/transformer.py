@@ -36,8 +36,8 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ModelOutput:
-    logits_BTV: torch.Tensor
-    hidden_BTD: torch.Tensor  # last layer output before the final norm (input of MTP depth 1)
+    logits: torch.Tensor  # [B, T, V] next-token logits (HF's CausalLMOutput.logits)
+    hidden_states: torch.Tensor  # [B, T, D] last layer output before the final norm (input of MTP depth 1)
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [B, T-k, V]
     balance_loss: torch.Tensor | None = None  # summed over MoE layers (and MTP blocks)
 
@@ -143,7 +143,7 @@ class DeepseekV3(nn.Module):
         if with_mtp:
             mtp_logits, mtp_balance = self.mtp_forward(h_BTD, input_ids_BT, rope)
             balance = balance + mtp_balance
-        return ModelOutput(logits_BTV=logits_BTV, hidden_BTD=h_BTD, mtp_logits=mtp_logits, balance_loss=balance)
+        return ModelOutput(logits=logits_BTV, hidden_states=h_BTD, mtp_logits=mtp_logits, balance_loss=balance)
 
     def compute_loss(self, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor, *, mtp_weight: float) -> LossOutput:
         out = self(input_ids_BT, with_mtp=mtp_weight > 0)
@@ -159,7 +159,7 @@ def mtp_loss(mtp_logits: list[torch.Tensor], labels_BT: torch.Tensor) -> torch.T
 
 
 def loss_from_output(out: ModelOutput, labels_BT: torch.Tensor, *, mtp_weight: float) -> LossOutput:
-    lm = cross_entropy(out.logits_BTV, labels_BT)
+    lm = cross_entropy(out.logits, labels_BT)
     mtp = mtp_loss(out.mtp_logits, labels_BT)
     balance = out.balance_loss if out.balance_loss is not None else lm.new_zeros(())
     total = lm + balance
