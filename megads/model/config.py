@@ -142,6 +142,11 @@ class ModelConfig:
                     )
         if self.scoring_func != "sigmoid":
             errors.append(f"model.scoring_func={self.scoring_func!r}: only 'sigmoid' (DeepSeek-V3) is supported")
+        if self.topk_method != "noaux_tc":
+            errors.append(
+                f"model.topk_method={self.topk_method!r}: only 'noaux_tc' (DeepSeek-V3's group-limited top-k "
+                "with the auxiliary-loss-free bias) is implemented"
+            )
         if self.hidden_act != "silu":
             errors.append(f"model.hidden_act={self.hidden_act!r}: only 'silu' is supported")
         if self.num_nextn_predict_layers < 0:
