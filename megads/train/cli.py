@@ -27,6 +27,12 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _setup_logging() -> None:
+    import warnings
+
+    # torch 2.13 renames all_gather_into_tensor / reduce_scatter_tensor (*_single); the old names
+    # are what torch 2.11 (the GPU machines') has, so megads keeps them and silences the notice
+    # that every rank would print on every step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("[megads %(asctime)s] %(message)s", datefmt="%H:%M:%S"))
     logger = logging.getLogger("megads")
