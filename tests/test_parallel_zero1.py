@@ -1,13 +1,20 @@
-"""ZeRO-1 on 4 real gloo ranks: state bytes = total/dp, exact AdamW + clipping, bf16 moments."""
+"""ZeRO-1 on 4 real gloo ranks: state bytes = total/dp, exact AdamW + clipping, bf16 moments;
+checkpoints by parameter name (resume with another bucket size / moments dtype / sharding, new
+hyper-parameters in force, missing or foreign pieces refused by name)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from megads.parallel.zero1 import Zero1AdamW
 from megads.testing.parallel import spawn
+from megads.train.checkpoint import load_checkpoint, save_checkpoint
 
 STEPS = 3
 
@@ -99,16 +106,221 @@ def _worker(rank: int, world: int) -> None:
             for r in range(world):
                 if group_of[r] == group_of[rank]:
                     assert torch.equal(copies[r], p)
-        # checkpoint round trip
-        state = opt.state_dict()
-        opt2 = Zero1AdamW(_model().parameters(), lr=0.05, edp_group=edp_groups[rank % 2],
-                          expert_params=[], bucket_numel=40, moments_dtype=moments)
-        try:
-            opt2.load_state_dict(state)
-            raise AssertionError("a checkpoint of another layout must be refused")
-        except ValueError as e:
-            assert "same layout" in str(e) or "parameter spaces" in str(e)
 
 
 def test_zero1_matches_adamw_and_shards_state() -> None:
     spawn(4, _worker)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints by parameter name
+#
+# Dense parameters over dp = 4, the "experts" parameter over the edp pairs {0,2} / {1,3}: both ep
+# ranks name their (different) experts "experts", as shard_experts does. Sizes are chosen so that
+# the old bucket-keyed loader, which only compared shard lengths, would have accepted the bucket
+# changes below (decay: 96 + 84 -> 45 elements per rank either way; no_decay: 12 + 7 -> 5) and
+# silently loaded the elements of other parameters. Gradients are multiples of 1/64, so their
+# sums are exact in any order and a continued step can be compared bit for bit.
+
+KEYS = ("master", "exp_avg", "exp_avg_sq")
+A_BUCKET = 40
+B_LAYOUTS = (  # (bucket_numel, shard): one bucket per space splits 0.weight/2.weight across ranks anew
+    (1 << 20, True),
+    (7, True),
+    (A_BUCKET, False),
+)
+
+
+def _named_model(rank: int, *, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 7))
+    torch.manual_seed(seed + 1 + rank % 2)  # this ep rank's experts
+    m.experts = nn.Parameter(torch.randn(3, 11) * 0.1)  # type: ignore[attr-defined]
+    return m
+
+
+def _opt(
+    m: nn.Module, edp: dist.ProcessGroup, *, bucket: int, moments: torch.dtype, shard: bool = True,
+    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
+) -> Zero1AdamW:
+    named = list(m.named_parameters())
+    decay = [(n, p) for n, p in named if p.ndim > 1]
+    no_decay = [(n, p) for n, p in named if p.ndim <= 1]
+    groups = [  # as megads.train.optim.param_groups_for builds them
+        {"params": [p for _, p in decay], "names": [n for n, _ in decay], "group": "decay", "weight_decay": weight_decay},
+        {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "group": "no_decay", "weight_decay": 0.0},
+    ]
+    return Zero1AdamW(
+        groups, lr=0.05, betas=betas, eps=eps, edp_group=edp, expert_params=[m.experts],  # type: ignore[attr-defined]
+        moments_dtype=moments, bucket_numel=bucket, shard=shard,
+    )
+
+
+def _grad(i: int, shape: torch.Size, step: int, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(10_000 * step + 100 * rank + i)
+    return torch.randint(-32, 33, shape, generator=g).float() / 64
+
+
+def _step(m: nn.Module, opt: Zero1AdamW, step: int, rank: int) -> dict[str, torch.Tensor]:
+    for i, (_, p) in enumerate(m.named_parameters()):
+        p.grad = _grad(i, p.shape, step, rank)
+    opt.step()
+    opt.zero_grad()
+    return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+def _full(states: list[dict], rank: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's whole saved state, from the pieces of this rank's groups."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for st in states:
+        for name, e in st["params"].items():
+            if e["kind"] == "expert" and st["rank"] % 2 != rank % 2:
+                continue  # the other ep rank's experts
+            d = out.setdefault(name, {k: torch.full((e["numel"],), float("nan"), dtype=e[k].dtype) for k in KEYS})
+            for k in KEYS:
+                d[k][e["lo"] : e["hi"]] = e[k]
+    assert all(not torch.isnan(t.float()).any() for d in out.values() for t in d.values())
+    return out
+
+
+def _raises(fn: Callable[[], object], *needles: str) -> str:
+    """ValueError on every rank: this rank's own names `needles`, or says another rank failed."""
+    with pytest.raises(ValueError) as e:
+        fn()
+    msg = str(e.value)
+    assert "other rank" in msg or all(n in msg for n in needles), (needles, msg)
+    return msg
+
+
+def _check_layouts(rank: int, edp: dist.ProcessGroup, moments_a: torch.dtype, states: list[dict],
+                   full: dict, at2: dict, at3: dict, full3: dict) -> None:
+    """(a) resume with another bucket layout / sharding / moments dtype; `full3`: the state after
+    the uninterrupted run's next step."""
+    other = torch.bfloat16 if moments_a == torch.float32 else torch.float32
+    for bucket, shard in B_LAYOUTS:
+        for moments_b in (moments_a, other):
+            mb = _named_model(rank, seed=7)  # other values: the load must set every element
+            ob = _opt(mb, edp, bucket=bucket, moments=moments_b, shard=shard)
+            peers = ob.state_peer_ranks()
+            assert peers[0] == rank and sorted(peers) == list(range(len(states)))
+            ob.load_state_dict(states[r] for r in peers)  # lazily, as the checkpoint loader does
+            assert ob.step_count == 2
+            for name, e in ob.state_dict()["params"].items():
+                lo, hi = e["lo"], e["hi"]
+                assert torch.equal(e["master"], full[name]["master"][lo:hi]), (bucket, name)
+                for k in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(e[k], full[name][k][lo:hi].to(moments_b)), (bucket, moments_b, name, k)
+            for n, p in mb.named_parameters():
+                assert torch.equal(p, at2[n]), (bucket, n)
+            got = _step(mb, ob, 2, rank)
+            for n in at3:
+                if moments_b == moments_a:
+                    assert torch.equal(got[n], at3[n]), (bucket, shard, moments_b, n)
+                else:  # the other dtype's update arithmetic
+                    torch.testing.assert_close(got[n], at3[n], rtol=0, atol=1e-3)
+            if moments_b == moments_a:  # the whole state continues bit for bit, moments included
+                for name, e in ob.state_dict()["params"].items():
+                    for k in KEYS:
+                        assert torch.equal(e[k], full3[name][k][e["lo"] : e["hi"]]), (bucket, shard, name, k)
+    # every rank's states at once, in rank order: the other ep rank's "experts" pieces are skipped
+    mb = _named_model(rank, seed=7)
+    ob = _opt(mb, edp, bucket=7, moments=moments_a)
+    ob.load_state_dict(states)
+    got = _step(mb, ob, 2, rank)
+    assert all(torch.equal(got[n], at3[n]) for n in at3)
+
+
+def _check_new_hyperparameters(rank: int, edp: dist.ProcessGroup, states: list[dict], full: dict,
+                               at3: dict, saved_hp: dict) -> None:
+    """(b) the new launch's betas / eps / weight_decay apply from the resumed step."""
+    mc = _named_model(rank, seed=7)
+    oc = _opt(mc, edp, bucket=7, moments=torch.float32, betas=(0.5, 0.6), eps=1e-2, weight_decay=5.0)
+    saved = oc.load_state_dict([states[r] for r in oc.state_peer_ranks()])
+    assert saved == saved_hp == oc.loaded_hyperparameters
+    assert saved["decay"] == {"lr": 0.05, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    assert oc.hyperparameter_changes() == {
+        "decay.betas": ((0.9, 0.95), (0.5, 0.6)), "decay.eps": (1e-8, 1e-2), "decay.weight_decay": (0.1, 5.0),
+        "no_decay.betas": ((0.9, 0.95), (0.5, 0.6)), "no_decay.eps": (1e-8, 1e-2),
+    }
+    assert oc.param_groups[0]["weight_decay"] == 5.0 and oc.param_groups[0]["betas"] == (0.5, 0.6)
+    got = _step(mc, oc, 2, rank)
+    world = len(states)
+    pair = [rank % 2, rank % 2 + 2]
+    for i, (n, p) in enumerate(mc.named_parameters()):
+        # torch's AdamW with the new values on the saved state and the summed gradient
+        ref = nn.Parameter(full[n]["master"].clone().view_as(p))
+        ropt = torch.optim.AdamW([ref], lr=0.05, betas=(0.5, 0.6), eps=1e-2, weight_decay=5.0 if p.ndim > 1 else 0.0)
+        ropt.state[ref] = {
+            "step": torch.tensor(2.0), "exp_avg": full[n]["exp_avg"].clone().view_as(p),
+            "exp_avg_sq": full[n]["exp_avg_sq"].clone().view_as(p),
+        }
+        ref.grad = sum(_grad(i, p.shape, 2, r) for r in (pair if n == "experts" else range(world)))
+        ropt.step()
+        torch.testing.assert_close(got[n], ref.detach(), rtol=1e-6, atol=1e-7)
+        assert (got[n] - at3[n]).abs().max() > 1e-3, n  # not the saved hyper-parameters' update
+
+
+def _check_refusals(rank: int, edp: dist.ProcessGroup, states: list[dict]) -> None:
+    """(c) missing or foreign pieces are refused by name, on every rank."""
+
+    def fresh() -> Zero1AdamW:
+        return _opt(_named_model(rank, seed=7), edp, bucket=1 << 20, moments=torch.float32)
+
+    peers = fresh().state_peer_ranks()
+    without = [states[r] for r in peers if r != peers[1]]  # one peer's file lost
+    msg = _raises(lambda: fresh().load_state_dict(without), "optimizer state incomplete", "elements")
+    if rank == 0:  # one bucket per space: rank 0's part of 0.weight was saved by ranks 0 and 1
+        assert "'0.weight'" in msg, msg
+    own = states[rank]
+    bogus = dict(own, params={**own["params"], "bogus.weight": dict(own["params"]["0.weight"])})
+    _raises(lambda: fresh().load_state_dict([bogus, *(states[r] for r in peers[1:])]), "'bogus.weight'", "not a parameter")
+    lost = [dict(st, params={k: v for k, v in st["params"].items() if k != "2.bias"}) for st in states]
+    _raises(lambda: fresh().load_state_dict(lost), "'2.bias'", "no piece at all")
+    _raises(lambda: fresh().load_state_dict({"step": 2, "spaces": []}), "format")
+
+
+def _check_checkpoint_files(rank: int, world: int, edp: dist.ProcessGroup, step_dir: Path, at2: dict) -> None:
+    """load_checkpoint reads the files of state_peer_ranks(); a missing one is named."""
+    md = _named_model(rank, seed=7)
+    od = _opt(md, edp, bucket=1 << 20, moments=torch.bfloat16)
+    assert load_checkpoint(step_dir, rank=rank, world_size=world, model=md, optimizer=od, sharded=True)["step"] == 2
+    assert all(torch.equal(p, at2[n]) for n, p in md.named_parameters())
+    dist.barrier()
+    if rank == 0:
+        (step_dir / "optim_rank_00001.pt").unlink()
+    dist.barrier()
+    od = _opt(md, edp, bucket=1 << 20, moments=torch.float32)
+    _raises(lambda: load_checkpoint(step_dir, rank=rank, world_size=world, model=md, optimizer=od, sharded=True),
+            "optim_rank_00001.pt")
+
+
+def _resume_worker(rank: int, world: int, ckpt_dir: str) -> None:
+    edp = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+    saved_at2: dict[str, torch.Tensor] = {}
+    for moments_a in (torch.float32, torch.bfloat16):
+        ma = _named_model(rank, seed=0)
+        oa = _opt(ma, edp, bucket=A_BUCKET, moments=moments_a)
+        at2 = {}
+        for step in range(2):
+            at2 = _step(ma, oa, step, rank)
+        states: list[dict] = [{} for _ in range(world)]
+        dist.all_gather_object(states, oa.state_dict())
+        full = _full(states, rank)
+        for n, p in ma.named_parameters():  # the saved ranges hold the right elements
+            assert torch.equal(full[n]["master"], p.detach().reshape(-1)), n
+        if moments_a == torch.float32:
+            saved_at2 = at2
+            save_checkpoint(ckpt_dir, step=2, tokens=0.0, rank=rank, world_size=world, model=ma, optimizer=oa,
+                            loader_state={}, keep_last=0, sharded=True, full_model_on_rank0=False)
+        at3 = _step(ma, oa, 2, rank)  # the uninterrupted run
+        states3: list[dict] = [{} for _ in range(world)]
+        dist.all_gather_object(states3, oa.state_dict())
+        _check_layouts(rank, edp, moments_a, states, full, at2, at3, _full(states3, rank))
+        if moments_a == torch.float32:
+            _check_new_hyperparameters(rank, edp, states, full, at3, oa.hyperparameters())
+            _check_refusals(rank, edp, states)
+    _check_checkpoint_files(rank, world, edp, Path(ckpt_dir) / "step_00000002", saved_at2)
+
+
+def test_zero1_checkpoint_by_name_survives_layout_changes(tmp_path: Path) -> None:
+    spawn(4, _resume_worker, str(tmp_path))

@@ -34,19 +34,33 @@ and takes the model-parallel norm through an `mpu` object).
 With `shard=False` the same code all-reduces buckets and every rank updates everything (plain
 data parallel, for comparison).
 
+Checkpoints are keyed by parameter name, not by bucket: `state_dict()` holds, for every parameter
+this rank owns elements of, the element range [lo, hi) of the flattened parameter and the FP32
+master / moment slices of that range. `load_state_dict(states)` rebuilds the current layout's
+shard from the saved pieces of the ranks in its groups (`state_peer_ranks()`), so
+`parallel.bucket_numel`, `parallel.moments_dtype` and `parallel.zero1` may change between a save
+and a resume; the pipeline / expert layout and the world size may not (the trainer refuses them).
+The hyper-parameters (lr, betas, eps, weight_decay) of the new launch stay in force; the saved ones
+are kept in `loaded_hyperparameters` for the caller to report (`hyperparameter_changes()`).
+
 Shapes: flat buffers are 1-D; `P` padded bucket length, `P/g` one rank's shard of it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+STATE_FORMAT = "zero1-by-name-1"  # `state_dict()` layout (the bucket-keyed one before it had no tag)
+_VEC = 16  # fp32 elements of one 64-byte cache line: the CPU fused AdamW kernel's vector and task unit
+_HYPER = ("lr", "betas", "eps", "weight_decay")
 
 
 @dataclass
@@ -73,10 +87,40 @@ class _Space:
     grad: torch.Tensor | None = None  # fp32 reduced gradient shard (= grad_buf while a step is open)
     grad_buf: torch.Tensor | None = None
     pending: list[Any] = field(default_factory=list)
-    fused: tuple[torch.optim.Optimizer, nn.Parameter] | None = None  # inner fused AdamW (fp32 moments)
+    fused: _Fused | None = None  # inner fused AdamW (fp32 moments)
 
     def part(self, padded: int) -> int:
         return padded // self.group_size if self.shard else padded
+
+
+@dataclass
+class _Fused:
+    """torch's fused AdamW over one space's flat shard (float32 moments).
+
+    The CPU kernel works in tasks of 16 elements and vectors of 8 or 16, and updates the last
+    `numel % vector` elements in a scalar loop whose rounding differs from the vector body's
+    (other FMA contractions: measured, the moments differ in the last bit), so an element's
+    update would depend on where the bucket layout puts it. `body` is the shard's first multiple
+    of 16 elements, updated in place; the rest goes through the zero-padded 16-element `tail`
+    parameter, so every element takes the vector path and a resume with another bucket size
+    continues bit for bit.
+    """
+
+    inner: torch.optim.Optimizer
+    body: nn.Parameter | None  # view of master[:n_body]; its state views exp_avg / exp_avg_sq
+    tail: nn.Parameter | None  # _VEC elements: master[n_body:] copied in and out around a step
+    n_body: int
+
+
+@dataclass
+class _Owned:
+    """This rank's elements of one parameter: [lo, hi) of the flattened parameter, at `flat`."""
+
+    space: _Space
+    lo: int
+    hi: int
+    flat: int  # offset of element `lo` inside the space's flat shard
+    numel: int  # the whole parameter
 
 
 class Zero1AdamW(torch.optim.Optimizer):
@@ -88,6 +132,12 @@ class Zero1AdamW(torch.optim.Optimizer):
     the squared norms; `count_tied_in_norm` is True on the stage that owns the embedding;
     `norm_weight` scales this rank's squared norm (0.5 under DualPipe, where every piece has two
     replicas whose gradients were already summed).
+
+    Checkpoint names: a param group may carry `names`, a list parallel to its `params`
+    (`megads.train.optim.param_groups_for` does), and `group`, its name (`decay`, `no_decay`);
+    otherwise `param_names` (id(param) -> name) is used, and failing both the positional name
+    `<group>.<index>` (`group0.3`: group name or `group<i>`, index in the group's `params`), which
+    is stable only while the same parameters are passed in the same order.
     """
 
     def __init__(
@@ -110,6 +160,7 @@ class Zero1AdamW(torch.optim.Optimizer):
         moments_dtype: torch.dtype = torch.float32,
         bucket_numel: int = 1 << 22,
         shard: bool = True,
+        param_names: Mapping[int, str] | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
@@ -130,6 +181,9 @@ class Zero1AdamW(torch.optim.Optimizer):
         self._marks: dict[int, int] = {}
         self._launched: set[tuple[int, int]] = set()
         self._reduced = False  # reduce_gradients() done for the coming step
+        self._rank = dist.get_rank() if dist.is_initialized() else 0
+        self.loaded_hyperparameters: dict[str, dict[str, Any]] | None = None  # set by load_state_dict
+        self._names = self._resolve_names(param_names or {})
         expert_ids = {id(p) for p in expert_params}
         tied_ids = {id(p) for p in tied_params}
         self.spaces: list[_Space] = []
@@ -143,6 +197,41 @@ class Zero1AdamW(torch.optim.Optimizer):
             for kind, plist in by_kind.items():
                 if plist:
                     self.spaces.append(self._make_space(kind, gi, plist))
+        self._owned = self._owned_ranges()
+
+    # ------------------------------------------------------------------ names
+    def _group_name(self, gi: int) -> str:
+        return str(self.param_groups[gi].get("group", f"group{gi}"))
+
+    def _resolve_names(self, param_names: Mapping[int, str]) -> dict[int, str]:
+        names: dict[int, str] = {}
+        for gi, group in enumerate(self.param_groups):
+            given = group.get("names")
+            if given is not None and len(given) != len(group["params"]):
+                raise ValueError(
+                    f"param group {self._group_name(gi)!r}: {len(given)} names for {len(group['params'])} params; "
+                    "`names` must be parallel to `params`"
+                )
+            for i, p in enumerate(group["params"]):
+                names[id(p)] = str(given[i]) if given is not None else param_names.get(id(p), f"{self._group_name(gi)}.{i}")
+        dupes = sorted(n for n, c in Counter(names.values()).items() if c > 1)
+        if dupes:
+            raise ValueError(f"parameter names {dupes[:5]} occur more than once: every parameter needs its own name")
+        return names
+
+    def _owned_ranges(self) -> dict[str, _Owned]:
+        """Every parameter's element range owned by this rank (possibly empty), by name."""
+        owned: dict[str, _Owned] = {}
+        for sp in self.spaces:
+            for b in sp.buckets:
+                part = sp.part(b.padded)
+                start = sp.group_rank * part if sp.shard else 0  # this rank's range inside the padded bucket
+                for p, o in zip(b.params, b.offsets):
+                    a, e = max(o, start), min(o + p.numel(), start + part)
+                    lo, hi = (a - o, e - o) if a < e else (0, 0)
+                    flat = b.shard_offset + (a - start if a < e else 0)
+                    owned[self._names[id(p)]] = _Owned(space=sp, lo=lo, hi=hi, flat=flat, numel=p.numel())
+        return owned
 
     # ------------------------------------------------------------------ layout
     def _make_space(self, kind: str, gi: int, plist: list[nn.Parameter]) -> _Space:
@@ -178,19 +267,24 @@ class Zero1AdamW(torch.optim.Optimizer):
         sp.exp_avg = torch.zeros(total, dtype=self.moments_dtype, device=device)
         sp.exp_avg_sq = torch.zeros(total, dtype=self.moments_dtype, device=device)
         if self.moments_dtype == torch.float32:
-            # the shard as the single parameter of a fused torch AdamW whose state is our moments
-            master_param = nn.Parameter(sp.master, requires_grad=True)
+            # the shard as the parameters of a fused torch AdamW whose state is our moments (see _Fused)
+            n_body = total - total % _VEC
+            body = tail = None
+            state: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
+            if n_body:
+                body = nn.Parameter(sp.master[:n_body], requires_grad=True)  # shares the master's storage
+                state[body] = {"exp_avg": sp.exp_avg[:n_body], "exp_avg_sq": sp.exp_avg_sq[:n_body]}
+            if total > n_body:
+                tail = nn.Parameter(torch.zeros(_VEC, dtype=torch.float32, device=device), requires_grad=True)
+                state[tail] = {"exp_avg": torch.zeros_like(tail.data), "exp_avg_sq": torch.zeros_like(tail.data)}
             hp = self.param_groups[gi]
             inner = torch.optim.AdamW(
-                [master_param], lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+                list(state), lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"],
                 fused=True,
             )
-            inner.state[master_param] = {
-                "step": torch.zeros((), dtype=torch.float32, device=device),
-                "exp_avg": sp.exp_avg,
-                "exp_avg_sq": sp.exp_avg_sq,
-            }
-            sp.fused = (inner, master_param)
+            for q, st in state.items():
+                inner.state[q] = {"step": torch.zeros((), dtype=torch.float32, device=device), **st}
+            sp.fused = _Fused(inner=inner, body=body, tail=tail, n_body=n_body)
         with torch.no_grad():
             for b in sp.buckets:
                 flat = self._flatten(b, [p.detach() for p in b.params], torch.float32)
@@ -291,8 +385,7 @@ class Zero1AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def global_grad_norm(self) -> float:
-        device = self.spaces[0].master.device if self.spaces and self.spaces[0].master is not None else "cpu"
-        sq = torch.zeros((), dtype=torch.float64, device=device)  # on the device: nccl reduces device tensors
+        sq = torch.zeros((), dtype=torch.float64, device=self._device())  # on the device: nccl reduces device tensors
         for sp in self.spaces:
             assert sp.grad is not None, "reduce_gradients() must run before the norm"
             if sp.kind == "tied" and not self.count_tied_in_norm:
@@ -337,12 +430,29 @@ class Zero1AdamW(torch.optim.Optimizer):
             sp.grad.mul_(clip)
         if sp.fused is not None:
             # FP32 moments: torch's fused AdamW kernel on the flat shard (one pass over memory)
-            inner, master_param = sp.fused
-            g = inner.param_groups[0]
+            f = sp.fused
+            g = f.inner.param_groups[0]
             g["lr"], g["weight_decay"], g["eps"], g["betas"] = hp["lr"], hp["weight_decay"], hp["eps"], hp["betas"]
-            master_param.grad = sp.grad
-            inner.step()
-            master_param.grad = None
+            n = f.n_body
+            if f.body is not None:
+                f.body.grad = sp.grad[:n]
+            if f.tail is not None:  # the last < 16 elements, zero-padded to one vector
+                r = sp.master.numel() - n
+                st = f.inner.state[f.tail]
+                f.tail.data[:r].copy_(sp.master[n:])
+                st["exp_avg"][:r].copy_(sp.exp_avg[n:])
+                st["exp_avg_sq"][:r].copy_(sp.exp_avg_sq[n:])
+                f.tail.grad = torch.zeros_like(f.tail.data)
+                f.tail.grad[:r].copy_(sp.grad[n:])
+            f.inner.step()
+            if f.tail is not None:
+                st = f.inner.state[f.tail]
+                sp.master[n:].copy_(f.tail.data[:r])
+                sp.exp_avg[n:].copy_(st["exp_avg"][:r])
+                sp.exp_avg_sq[n:].copy_(st["exp_avg_sq"][:r])
+                f.tail.grad = None
+            if f.body is not None:
+                f.body.grad = None
             return
         # BF16 moments: the update of torch.optim.AdamW in FP32, chunk by chunk, moments stored back in BF16
         lr, wd, eps = float(hp["lr"]), float(hp["weight_decay"]), float(hp["eps"])
@@ -382,42 +492,211 @@ class Zero1AdamW(torch.optim.Optimizer):
                 p.data.copy_(full_P[o : o + p.numel()].view_as(p))
 
     # ------------------------------------------------------------------ checkpoint
+    def hyperparameters(self) -> dict[str, dict[str, Any]]:
+        """lr, betas, eps and weight_decay of every param group, by group name (`decay`, `group0`)."""
+        return {self._group_name(gi): {k: _plain(g[k]) for k in _HYPER} for gi, g in enumerate(self.param_groups)}
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """This rank's shards (each rank saves its own file) plus the hyper-parameters."""
+        """This rank's state by parameter name, on the CPU (each rank saves its own file):
+
+            {"format": STATE_FORMAT, "rank": global rank, "step": optimizer steps taken,
+             "hyperparameters": {group name: {"lr", "betas", "eps", "weight_decay"}},
+             "params": {name: {"lo", "hi", "numel", "kind", "master", "exp_avg", "exp_avg_sq"}}}
+
+        An entry holds elements [lo, hi) of the flattened parameter (`numel` elements in all;
+        `kind` dense | expert | tied): the part this rank owns under its bucket layout, all of it
+        with shard=False. Parameters of which it owns nothing are left out. `master` is FP32, the
+        moments are in `moments_dtype`. Nothing in it depends on the bucket layout.
+        """
+        params: dict[str, dict[str, Any]] = {}
+        for name, own in self._owned.items():
+            if own.hi == own.lo:
+                continue
+            sp = own.space
+            sl = slice(own.flat, own.flat + own.hi - own.lo)
+            params[name] = {
+                "lo": own.lo, "hi": own.hi, "numel": own.numel, "kind": sp.kind,
+                **{key: getattr(sp, key)[sl].to("cpu", copy=True) for key in ("master", "exp_avg", "exp_avg_sq")},
+            }
         return {
-            "step": self.step_count,
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-            "spaces": [
-                {
-                    "kind": sp.kind, "group_index": sp.group_index, "group_size": sp.group_size,
-                    "group_rank": sp.group_rank, "numel": sum(b.numel for b in sp.buckets),
-                    "master": sp.master, "exp_avg": sp.exp_avg, "exp_avg_sq": sp.exp_avg_sq,
-                }
-                for sp in self.spaces
-            ],
+            "format": STATE_FORMAT, "rank": self._rank, "step": self.step_count,
+            "hyperparameters": self.hyperparameters(), "params": params,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # type: ignore[override]
-        if len(state["spaces"]) != len(self.spaces):
+    def state_peer_ranks(self) -> list[int]:
+        """Global ranks whose saved states `load_state_dict` may need: this rank first, then the
+        other members of the groups its state is sharded over (dp, and edp for experts)."""
+        peers: set[int] = set()
+        for sp in self.spaces:
+            peers.update(self._group_ranks(sp.group))
+        return [self._rank, *sorted(peers - {self._rank})]
+
+    def load_state_dict(  # type: ignore[override]
+        self, states: Iterable[Mapping[str, Any]] | Mapping[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        """Rebuild this rank's shard from saved `state_dict()`s; return the saved hyper-parameters.
+
+        `states`: the states saved by the ranks of `state_peer_ranks()` (this rank's own first),
+        or any superset such as every rank's state (pieces saved by ranks outside this rank's dp
+        group, and expert pieces from outside its edp group, are skipped: they belong to another
+        stage or to other experts), or one state. It may be a lazy iterable (the checkpoint
+        loader reads one file at a time) and is consumed only until every element this rank owns
+        is filled, so a resume with an unchanged layout reads this rank's own file only. Pieces
+        are cut to the current bucket layout and cast to `moments_dtype`.
+
+        ValueError, naming the parameter, when a saved parameter does not exist here (or has
+        another kind or size), or when elements this rank owns are in none of the given states.
+        Failures are agreed over `norm_group` before the closing all-gather, so every rank raises
+        instead of the others waiting for the failed one.
+
+        The current hyper-parameters stay (a new launch's optimizer settings apply from the
+        resumed step); the saved ones go to `self.loaded_hyperparameters` and are returned, and
+        `hyperparameter_changes()` lists the differences. The step count comes from the states.
+        """
+        if isinstance(states, Mapping):
+            states = [states]
+        error: Exception | None = None
+        step, saved_hp = 0, {}
+        try:
+            step, saved_hp = self._assemble(states)
+        except Exception as e:  # a peer file that fails to read, too: raised after the agreement below
+            error = e
+        failed = torch.tensor([0.0 if error is None else 1.0], device=self._device())
+        if dist.is_initialized():
+            dist.all_reduce(failed, group=self.norm_group)
+        if error is not None:
+            raise error
+        if float(failed) > 0:
             raise ValueError(
-                f"optimizer checkpoint has {len(state['spaces'])} parameter spaces, this layout has "
-                f"{len(self.spaces)}: resume with the same parallel layout"
+                f"the optimizer state failed to load on {int(failed)} other rank(s) (their error says why); "
+                f"rank {self._rank} stops with them"
             )
-        for sp, saved in zip(self.spaces, state["spaces"]):
-            if (saved["kind"], saved["group_size"], saved["group_rank"]) != (sp.kind, sp.group_size, sp.group_rank):
-                raise ValueError(
-                    f"optimizer checkpoint shard ({saved['kind']}, group {saved['group_rank']}/{saved['group_size']}) "
-                    f"does not match this rank ({sp.kind}, {sp.group_rank}/{sp.group_size}): same layout needed"
-                )
-            assert sp.master is not None and sp.exp_avg is not None and sp.exp_avg_sq is not None
-            sp.master.copy_(saved["master"])
-            sp.exp_avg.copy_(saved["exp_avg"])
-            sp.exp_avg_sq.copy_(saved["exp_avg_sq"])
-        for g, saved in zip(self.param_groups, state["param_groups"]):
-            g.update(saved)
-        self.step_count = int(state["step"])
+        self.step_count = step
         for sp in self.spaces:
             if sp.fused is not None:
-                inner, master_param = sp.fused
-                inner.state[master_param]["step"].fill_(self.step_count)
+                for st in sp.fused.inner.state.values():
+                    st["step"].fill_(step)
+        self.loaded_hyperparameters = saved_hp
         self._gather_params()
+        return saved_hp
+
+    def hyperparameter_changes(
+        self, keys: Sequence[str] = ("betas", "eps", "weight_decay")
+    ) -> dict[str, tuple[Any, Any]]:
+        """{"<group>.<key>": (saved, current)} for every hyper-parameter the resume changes.
+
+        `lr` is left out by default: the executor sets it from the schedule on every step, so
+        the saved (last scheduled) and current (configured base) values always differ.
+        """
+        if self.loaded_hyperparameters is None:
+            return {}
+        saved, now = self.loaded_hyperparameters, self.hyperparameters()
+        out: dict[str, tuple[Any, Any]] = {}
+        for group in sorted(set(saved) | set(now)):
+            for k in keys:
+                a, b = saved.get(group, {}).get(k), now.get(group, {}).get(k)
+                if a != b:
+                    out[f"{group}.{k}"] = (a, b)
+        return out
+
+    def _assemble(self, states: Iterable[Mapping[str, Any]]) -> tuple[int, dict[str, dict[str, Any]]]:
+        """Copy every saved piece that overlaps this rank's elements; (step, saved hyper-parameters)."""
+        dp_ranks = set(self._group_ranks(self.dp_group))
+        edp_ranks = set(self._group_ranks(self.edp_group))
+        filled: dict[str, list[tuple[int, int]]] = {}
+        left = {name for name, own in self._owned.items() if own.hi > own.lo}  # owned elements not filled yet
+        sources: list[int] = []
+        step: int | None = None
+        saved_hp: dict[str, dict[str, Any]] = {}
+        for state in states:
+            if state.get("format") != STATE_FORMAT:
+                raise ValueError(
+                    f"optimizer state of format {state.get('format')!r}, not {STATE_FORMAT!r} (a ZeRO-1 checkpoint "
+                    "keyed by bucket, from before by-name checkpoints): it cannot be resumed; start a new run_dir"
+                )
+            r = int(state["rank"])
+            sources.append(r)
+            if step is None:
+                step = int(state["step"])
+            elif int(state["step"]) != step:
+                raise ValueError(
+                    f"optimizer states of ranks {sources[0]} and {r} are at steps {step} and {state['step']}: "
+                    "give the files of one checkpoint"
+                )
+            if not saved_hp or r == self._rank:
+                saved_hp = {g: dict(hp) for g, hp in state["hyperparameters"].items()}
+            for name, e in state["params"].items():
+                if r not in (edp_ranks if e["kind"] == "expert" else dp_ranks):
+                    continue  # another stage's parameters, or the experts of another ep rank
+                own = self._owned.get(name)
+                if own is None:
+                    raise ValueError(
+                        f"parameter {name!r} ({e['kind']}) of the optimizer state saved by rank {r} is not a "
+                        f"parameter of rank {self._rank}'s model: the checkpoint is of another model or layout"
+                    )
+                if (own.space.kind, own.numel) != (e["kind"], e["numel"]):
+                    raise ValueError(
+                        f"parameter {name!r}: saved by rank {r} as {e['kind']} with {e['numel']} elements, here "
+                        f"{own.space.kind} with {own.numel}: the checkpoint is of another model or layout"
+                    )
+                a, b = max(own.lo, e["lo"]), min(own.hi, e["hi"])
+                if a >= b:
+                    continue
+                dst = slice(own.flat + a - own.lo, own.flat + b - own.lo)
+                src = slice(a - e["lo"], b - e["lo"])
+                for key in ("master", "exp_avg", "exp_avg_sq"):
+                    getattr(own.space, key)[dst].copy_(e[key][src])  # casts the moments to moments_dtype
+                filled.setdefault(name, []).append((a, b))
+                if name in left and _first_gap(filled[name], own.lo, own.hi) is None:
+                    left.discard(name)
+            if not left:
+                break  # everything this rank owns is filled: later files are not read
+        if step is None:
+            raise ValueError("no optimizer state given: pass the states saved by the ranks of state_peer_ranks()")
+        if left:
+            details = []
+            for name in sorted(left)[:5]:
+                own = self._owned[name]
+                gap = _first_gap(filled.get(name, []), own.lo, own.hi)
+                assert gap is not None
+                details.append(
+                    f"{name!r} ({own.space.kind}) elements [{gap[0]}, {gap[1]}) of {own.numel}"
+                    + ("" if name in filled else ", no piece at all")
+                )
+            more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+            raise ValueError(
+                f"optimizer state incomplete on rank {self._rank}: no saved piece of {'; '.join(details)}{more}, "
+                f"in the states of ranks {sources}; give the states of every rank of state_peer_ranks() = "
+                f"{self.state_peer_ranks()} (a missing or foreign file?)"
+            )
+        return step, saved_hp
+
+    def _device(self) -> torch.device:
+        return self.spaces[0].master.device if self.spaces and self.spaces[0].master is not None else torch.device("cpu")
+
+    @staticmethod
+    def _group_ranks(group: dist.ProcessGroup | None) -> list[int]:
+        if not dist.is_initialized():
+            return [0]
+        if group is None:
+            return list(range(dist.get_world_size()))
+        return list(dist.get_process_group_ranks(group))
+
+
+def _plain(v: Any) -> Any:
+    """A hyper-parameter as plain floats (betas a tuple), comparable and saved without tensors."""
+    if isinstance(v, (tuple, list)):
+        return tuple(float(x) for x in v)
+    return float(v)
+
+
+def _first_gap(pieces: Sequence[tuple[int, int]], lo: int, hi: int) -> tuple[int, int] | None:
+    """The first sub-range of [lo, hi) that no piece covers, or None."""
+    at = lo
+    for a, b in sorted(pieces):
+        if a > at:
+            return at, min(a, hi)
+        at = max(at, b)
+        if at >= hi:
+            return None
+    return (at, hi) if at < hi else None

@@ -181,8 +181,24 @@ def load_checkpoint(
     own_model = path / f"model_rank_{rank:05d}.pt"
     model_file = own_model if own_model.is_file() else path / "model.pt"
     model.load_state_dict(torch.load(model_file, map_location="cpu", weights_only=False))
-    optim_file = path / (f"optim_rank_{rank:05d}.pt" if sharded else "optim.pt")
-    optimizer.load_state_dict(torch.load(optim_file, map_location="cpu", weights_only=False))
+    if sharded:
+        # ZeRO-1 state is saved by parameter name: this rank's shard (of the current bucket layout) is
+        # cut from the files of the ranks it shares groups with, read one at a time and only as far as
+        # needed (an unchanged layout reads this rank's own file)
+        peers = optimizer.state_peer_ranks()  # type: ignore[attr-defined]
+
+        def peer_states() -> Any:
+            for r in peers:
+                f = path / f"optim_rank_{r:05d}.pt"
+                if not f.is_file():
+                    raise ValueError(
+                        f"{f}: missing; rank {rank} rebuilds its optimizer state from the files of ranks {peers}"
+                    )
+                yield torch.load(f, map_location="cpu", weights_only=False)
+
+        optimizer.load_state_dict(peer_states())
+    else:
+        optimizer.load_state_dict(torch.load(path / "optim.pt", map_location="cpu", weights_only=False))
     per_rank = torch.load(path / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)
     return {
         "step": int(meta["step"]), "tokens": float(meta["tokens"]), "loader": per_rank["loader"],
