@@ -6,6 +6,10 @@ and weight decay on, the expert bias updated after every step. The six layouts o
 one without ZeRO-1, and pp2 x ep2 under ZB1P, DualPipeV and DualPipe) run one after the other in one spawned group; pp2 x ep2 x dp2 on 8 ranks in
 another. lr = 1e-3: Adam turns float-rounding noise in near-zero gradients into updates of
 size ~lr, so the 1e-5 relative bound needs lr well below 1e-2 (see docs/parallel.md).
+Routing is discontinuous: a token whose top-k choice is a near-tie at the 1e-7 level flips
+between two runs that differ only in rounding, and the expert biases then diverge by whole
+steps of gamma. Seed 7 has such a near-tie for the pp2 x ep2 layouts once the gradient norm is
+accumulated in float64 on both sides; seed 8 has none.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from megads.testing.parallel import (
 RTOL = 1e-5
 MBS = 2
 MTP_WEIGHT = 0.3
-SEED = 7
+SEED = 8
 OPTIM = OptimSettings(lr=1e-3, weight_decay=0.1, max_grad_norm=0.2, bias_update_speed=1e-3, bucket_numel=3000)
 
 

@@ -81,11 +81,15 @@ def test_two_rank_run_trains_and_leaves_results(full_run: tuple[Path, subprocess
     assert "results:" in proc.stdout and str(run_dir / "loss.png") in proc.stdout
 
 
-def _check_resume(ref_dir: Path, run_dir: Path, data: tuple[str, ...]) -> None:
-    # the state a run killed after step 8, before its next checkpoint, leaves behind
+def _killed_after_step_8(ref_dir: Path, run_dir: Path) -> None:
+    """The state a run killed after step 8, before its next checkpoint, leaves behind."""
     shutil.copytree(ref_dir / "checkpoints/step_00000004", run_dir / "checkpoints/step_00000004")
     shutil.copy(ref_dir / "metrics.jsonl", run_dir / "metrics.jsonl")
-    proc = _launch(run_dir, "schedule.train_steps=8", data=data)
+
+
+def _check_resume(ref_dir: Path, run_dir: Path, data: tuple[str, ...], *overrides: str) -> None:
+    _killed_after_step_8(ref_dir, run_dir)
+    proc = _launch(run_dir, "schedule.train_steps=8", *overrides, data=data)
     assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
     ref, got = _metrics(ref_dir), _metrics(run_dir)
     assert [h["step"] for h in got] == list(range(1, 9))
@@ -105,6 +109,29 @@ def test_resume_reproduces_uninterrupted_run(
     full_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:
     _check_resume(full_run[0], tmp_path / "run", FALLBACK)
+
+
+def test_resume_with_another_bucket_size_reproduces_the_run(
+    full_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """Issue 9, defect 8: the ZeRO-1 bucket layout is not part of the saved state (it is stored
+    by parameter name), so a resume with another bucket size continues the same run."""
+    _check_resume(full_run[0], tmp_path / "run", FALLBACK, "parallel.bucket_numel=1000")
+
+
+def test_resume_applies_changed_optimizer_settings_when_allowed(
+    full_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """Issue 9, defect 9: new optimizer settings on resume used to be ignored (bit-identical
+    steps). Refused by default (tests/test_train_preflight.py); allowed, they act and are logged."""
+    run_dir = tmp_path / "run"
+    _killed_after_step_8(full_run[0], run_dir)
+    proc = _launch(run_dir, "schedule.train_steps=8", "optim.weight_decay=5.0", "optim.betas=[0.5,0.6]",
+                   "optim.eps=1e-2", "checkpoint.allow_changed_settings=true")
+    assert "changed setting (checkpoint.allow_changed_settings=true), applies from step 5: optim.betas" in proc.stdout
+    ref, got = _metrics(full_run[0]), _metrics(run_dir)
+    assert [h["loss/lm"] for h in got[:4]] == [h["loss/lm"] for h in ref[:4]]
+    assert all(abs(a["loss/lm"] - b["loss/lm"]) > 1e-4 for a, b in zip(ref[5:], got[5:]))
 
 
 @pytest.mark.slow

@@ -392,7 +392,10 @@ class Zero1AdamW(torch.optim.Optimizer):
                 continue
             if not sp.shard and sp.group_rank != 0:
                 continue  # replicated: count one copy
-            sq += torch.linalg.vector_norm(sp.grad).double() ** 2  # fp32 reduction, as clip_grad_norm_
+            # accumulated in float64: an fp32 reduction over a 1M-element shard is off by ~1e-5, and
+            # by a different amount for every bucket layout (a resume with another bucket_numel
+            # would then clip differently and drift)
+            sq += torch.linalg.vector_norm(sp.grad, dtype=torch.float64) ** 2
         sq *= self.norm_weight
         if dist.is_initialized():
             dist.all_reduce(sq, group=self.norm_group)

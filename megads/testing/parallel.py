@@ -15,7 +15,7 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +121,7 @@ def reference_run(
             out = model.compute_loss(ids_GT[i : i + micro_batch_size], labels_GT[i : i + micro_batch_size], mtp_weight=mtp_weight)
             (out.total / M).backward()
             total += float(out.total.detach()) / M
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm) if optim.max_grad_norm > 0 else None
+        norm = clip_grad_norm_fp64(model.parameters(), optim.max_grad_norm) if optim.max_grad_norm > 0 else None
         opt.step()
         opt.zero_grad(set_to_none=True)
         update_expert_bias(model, gamma=optim.bias_update_speed)
@@ -224,6 +224,17 @@ def equivalence_worker(
         torch.save(result, tmp)
         os.replace(tmp, path)
         dist.barrier()
+
+
+def clip_grad_norm_fp64(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ with the total norm accumulated in float64 (as Zero1AdamW does):
+    the fp32 norms of the two sides would differ by rounding, and a rounding difference in the
+    clip coefficient is enough to flip a near-tie of the top-k routing a few steps later."""
+    params = [p for p in params if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64)
+                                                  for p in params]))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
 
 
 def compare_with_reference(

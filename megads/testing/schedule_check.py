@@ -7,7 +7,7 @@ machine); per step it records the global loss and, just before the ZeRO-1 step, 
 full gradient (summed over the data-parallel group for dense parameters, the expert-data-parallel
 group for routed experts, and the embed group for the embedding copy of the last stage), and
 after the run the updated parameters. `reference_with_grads` does the same steps on one process
-(micro-batches of the same size, `torch.optim.AdamW`, `clip_grad_norm_`) and `compare_case`
+(micro-batches of the same size, `torch.optim.AdamW`, `clip_grad_norm_` with a float64 total) and `compare_case`
 checks losses, gradients and parameters slice by slice within a relative tolerance.
 
 Shapes: G global batch sequences, T sequence.
@@ -30,7 +30,7 @@ from megads.parallel.config import pieces_per_rank
 from megads.parallel.executor import OptimSettings, ParallelExecutor
 from megads.parallel.mesh import ParallelMesh, plan_layout
 from megads.parallel.overlap_stage import OverlapParallelExecutor
-from megads.testing.parallel import reference_model_and_optimizer
+from megads.testing.parallel import clip_grad_norm_fp64, reference_model_and_optimizer
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def reference_with_grads(
             (out.total / M).backward()
             total += float(out.total.detach()) / M
         grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+        clip_grad_norm_fp64(model.parameters(), optim.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         update_expert_bias(model, gamma=optim.bias_update_speed)
