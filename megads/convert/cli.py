@@ -3,7 +3,9 @@
     megads-convert from-hf SRC DST [--init-missing-mtp] [--overwrite]
     megads-convert to-hf   SRC DST [--fp8] [--max-shard-gb 5] [--overwrite]
 
-SRC of `to-hf` is a megads model folder (`from-hf` output) or a trainer checkpoint folder.
+SRC of `to-hf` is a megads model folder (`from-hf` output) or a trainer checkpoint step folder
+(`<run>/checkpoints/step_XXXXXXXX`, any parallel layout: per-rank files are merged, see
+megads.convert.trainer_checkpoint). Bad input exits with status 2 and a message naming the path.
 """
 
 from __future__ import annotations
@@ -13,21 +15,25 @@ import sys
 from pathlib import Path
 
 from megads.convert.hf import CheckpointError, from_hf, to_hf
-from megads.convert.native import load_native, save_native
+from megads.convert.native import CONFIG_FILE, load_native, save_native
+from megads.convert.trainer_checkpoint import is_trainer_checkpoint, load_model_from_checkpoint
+from megads.model.transformer import DeepseekV3
 
 
-def _load_any(src: Path):
-    from megads.convert.native import CONFIG_FILE
-
+def _load_any(src: Path) -> DeepseekV3:
+    """A megads model folder (`from-hf` output) or a trainer step folder (any parallel layout)."""
     if (src / CONFIG_FILE).is_file():
         return load_native(src)
-    try:
-        from megads.train.checkpoint import load_model_from_checkpoint
-    except ImportError:
-        load_model_from_checkpoint = None
-    if load_model_from_checkpoint is not None:
+    if is_trainer_checkpoint(src) or src.name.startswith("step_"):
         return load_model_from_checkpoint(src)
-    raise ValueError(f"{src}: neither a megads model folder nor a trainer checkpoint")
+    hint = ""
+    found = [*src.glob("step_*"), *src.glob("checkpoints/step_*")]
+    steps = sorted((p for p in found if (p / "meta.json").is_file()), key=lambda p: p.name)
+    if steps:
+        hint = f"; a trainer checkpoint is one step folder, e.g. {steps[-1]}"
+    raise ValueError(
+        f"{src}: neither a megads model folder ({CONFIG_FILE}) nor a trainer checkpoint step folder (meta.json){hint}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
