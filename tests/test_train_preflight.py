@@ -19,7 +19,13 @@ from typing import Any
 import pytest
 
 import megads.train.trainer as trainer_mod
-from megads.train.config import ConfigError, TrainConfig, register_configs, register_resolvers, to_train_config
+from megads.train.config import (
+    ConfigError,
+    TrainConfig,
+    register_configs,
+    register_resolvers,
+    to_train_config,
+)
 from megads.train.preflight import checkpoint_meta, run_fingerprint
 from megads.train.trainer import train
 
