@@ -331,6 +331,47 @@ def min_microbatches(name: str, *, pp: int, virtual: int = 2) -> int:
     raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
 
 
+def microbatch_multiple(name: str, *, pp: int) -> int:
+    """The step between the micro-batch counts `name` accepts for `pp` ranks.
+
+    With `min_microbatches` it states each generator's rule: `name` runs M micro-batches iff
+    M >= min_microbatches and M % microbatch_multiple == 0 (and the layout itself is valid:
+    pp >= 2 for interleaved and the DualPipes, pp even for DualPipe; `validate_microbatches`).
+    DualPipe splits M into two equal halves, one per direction; interleaved runs rounds of pp;
+    DualPipeV, 1F1B and ZB1P take any count from their minimum on.
+    """
+    if name in ("1f1b", "zb1p", "dualpipev"):
+        return 1
+    if name == "interleaved":
+        return pp
+    if name == "dualpipe":
+        return 2
+    raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def validate_microbatches(name: str, *, pp: int, num_microbatches: int) -> None:
+    """Raise ValueError (saying what would fit) unless `name` accepts pp ranks and M micro-batches.
+
+    The same acceptance as the generators (tests/test_train_schedule.py checks they agree), without
+    building the schedule: cheap for pp = 16 and hundreds of micro-batches.
+    """
+    if name not in _GENERATORS:
+        raise ValueError(f"parallel.schedule={name!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+    two_ends = name not in ("1f1b", "zb1p")  # interleaved and the DualPipes need two ranks at least
+    if pp < 1 or (two_ends and pp < 2) or (name == "dualpipe" and pp % 2):
+        need = "an even pp >= 2" if name == "dualpipe" else "pp >= 2" if two_ends else "pp >= 1"
+        raise ValueError(f"schedule {name!r}: pp={pp}; it needs {need}")
+    lo, step = min_microbatches(name, pp=pp), microbatch_multiple(name, pp=pp)
+    m = num_microbatches
+    if m < lo or m % step:
+        fit = max(lo, -(-m // step) * step)
+        rule = f"at least {lo}" + (f" and a multiple of {step}" if step > 1 else "")
+        raise ValueError(
+            f"schedule {name!r}: pp={pp}, num_microbatches={m}; it needs {rule} micro-batches "
+            f"(e.g. {fit})"
+        )
+
+
 def build_schedule(name: str, *, pp: int, num_microbatches: int, virtual: int = 2) -> Schedule:
     """Generate schedule `name` (one of SCHEDULES) for pp ranks and num_microbatches micro-batches."""
     if name not in _GENERATORS:

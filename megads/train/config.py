@@ -14,6 +14,9 @@ Quantities the DeepSeek-V3 report gives in tokens are configured in tokens (floa
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,11 +163,61 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("megads_run_name", default_run_name)
 
 
+def _unknown_keys(node: Any, schema: type, *, path: str) -> list[str]:
+    """The keys of the mapping `node` (recursively) that the dataclass `schema` has no field for."""
+    if not isinstance(node, dict):
+        return []
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    errors = []
+    for key, value in node.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = [f"{path}.{c}" if path else c for c in difflib.get_close_matches(str(key), names, n=1)]
+            errors.append(
+                f"unknown key {where}" + (f" (did you mean {close[0]}?)" if close else "")
+                + f"; {path or 'the root'} ({schema.__name__}) has: {', '.join(names)}"
+            )
+            continue
+        sub = _dataclass_in(hints[key])
+        if sub is None:
+            continue
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                errors += _unknown_keys(item, sub, path=f"{where}[{i}]")
+        else:
+            errors += _unknown_keys(value, sub, path=where)
+    return errors
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field holds: `X`, `X | None` or `list[X]` (not inside dicts; `Any` holds none)."""
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) is dict:
+        return None
+    for arg in typing.get_args(hint):
+        found = _dataclass_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def to_train_config(cfg: Any) -> TrainConfig:
-    """A composed DictConfig (or plain dict) -> TrainConfig, rejecting unknown keys."""
-    from omegaconf import OmegaConf
+    """A composed DictConfig (or plain dict) -> TrainConfig, rejecting unknown keys.
+
+    The keys are checked against the dataclasses before merging: Hydra's `+key=value` and
+    `++key=value` insert a key even into a structured node (OmegaConf.update(force_add=True)), and
+    OmegaConf.merge / to_object then carry it along as an extra attribute instead of failing.
+    `data` is typed later (`megads.train.data_source.resolve_data_config` rejects its unknown keys).
+    """
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    tree = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    unknown = _unknown_keys(tree, TrainConfig, path="")
+    if unknown:
+        raise ConfigError("invalid training config:\n  - " + "\n  - ".join(unknown))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
         obj = OmegaConf.to_object(merged)
@@ -180,7 +233,8 @@ _DEVICES = ("auto", "cpu", "cuda")
 
 def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
     """Check every group and their relations before any process group starts."""
-    from megads.train.schedule import plan_run
+    from megads.train.schedule import batch_granularity, plan_run, ramp_bounds
+    from pipeline.schedules import validate_microbatches
 
     errors: list[str] = []
     from megads.train.data_source import resolve_data_config
@@ -241,32 +295,32 @@ def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
     if ck.every_steps < 0 or ck.keep_last < 0:
         errors.append(f"checkpoint.every_steps={ck.every_steps} and keep_last={ck.keep_last} must be >= 0")
     if not errors:
-        dp = cfg.parallel.data_parallel_size(world_size=world_size)
-        multiple = cfg.parallel.micro_batch_size * dp
-        for name, value in (("batch_start", s.batch_start), ("batch_end", s.batch_end)):
-            if value < multiple or value % multiple:
-                lo = max(multiple, value // multiple * multiple)
-                errors.append(
-                    f"schedule.{name}={value} sequences must be a positive multiple of parallel.micro_batch_size"
-                    f"({cfg.parallel.micro_batch_size}) x data-parallel size({dp}) = {multiple}; "
-                    f"e.g. {lo} or {lo + multiple}, or change parallel.micro_batch_size / the number of ranks"
-                )
-        if s.batch_end < s.batch_start:
+        # the batch ramp against the layout: every global batch it reaches must be micro_batch_size x dp x M
+        # with M a micro-batch count the pipeline schedule accepts (`batch_granularity`); the ramp is rounded
+        # to that (the trainer logs `ramp_note`), so only a batch_end below every valid value is an error
+        p = cfg.parallel
+        dp = p.data_parallel_size(world_size=world_size)
+        if s.batch_start < 1:
+            errors.append(f"schedule.batch_start={s.batch_start} sequences must be >= 1")
+        elif s.batch_end < s.batch_start:
             errors.append(f"schedule.batch_end={s.batch_end} must be >= schedule.batch_start={s.batch_start}")
-        if cfg.parallel.pp > 1 and cfg.parallel.schedule in ("1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev"):
-            from pipeline.schedules import min_microbatches
-
-            need = min_microbatches(cfg.parallel.schedule, pp=cfg.parallel.pp)
-            have = s.batch_start // multiple
-            if have < need:
-                errors.append(
-                    f"parallel.schedule={cfg.parallel.schedule} with pp={cfg.parallel.pp} needs at least {need} "
-                    f"micro-batches per data-parallel rank, but schedule.batch_start={s.batch_start} gives "
-                    f"{have} (= batch_start / (micro_batch_size {cfg.parallel.micro_batch_size} x dp {dp})); "
-                    f"raise batch_start to {need * multiple} or lower parallel.micro_batch_size"
-                )
+        else:
+            try:
+                gran = batch_granularity(schedule=p.schedule, pp=p.pp, micro_batch_size=p.micro_batch_size, dp=dp)
+                ramp_bounds(s, gran=gran)
+            except ValueError as e:
+                errors.append((f"parallel.schedule={p.schedule} with pp={p.pp}: " if p.pp > 1 else "") + str(e))
     if not errors:
-        plan = plan_run(s, seq_len=cfg.seq_len, multiple=multiple)
+        plan = plan_run(s, seq_len=cfg.seq_len, gran=gran)
+        for batch in plan.batches:  # the distinct global batches of the whole run, not just the first
+            try:
+                if batch % gran.per_microbatch:
+                    raise ValueError(f"not a multiple of micro_batch_size x dp = {gran.per_microbatch}")
+                validate_microbatches(p.schedule if p.pp > 1 else "1f1b", pp=p.pp,
+                                      num_microbatches=batch // gran.per_microbatch)
+            except ValueError as e:
+                errors.append(f"the batch ramp reaches {batch} sequences, which the layout cannot run: {e}")
+                break
         if plan.warmup_end_tokens > s.constant_tokens and s.warmup_steps > 0:
             errors.append(
                 f"the {s.warmup_steps} warmup steps end at {plan.warmup_end_tokens:.4g} tokens, after "

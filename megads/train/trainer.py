@@ -50,7 +50,15 @@ from megads.train.preflight import (
     resolve_run_dir,
     run_fingerprint,
 )
-from megads.train.schedule import bias_update_speed_at, global_batch_at, lr_at, mtp_weight_at, plan_run
+from megads.train.schedule import (
+    batch_granularity,
+    bias_update_speed_at,
+    global_batch_at,
+    lr_at,
+    mtp_weight_at,
+    plan_run,
+    ramp_note,
+)
 
 log = logging.getLogger("megads.train")
 
@@ -235,9 +243,11 @@ def _train(
             f"the data's tokenizer has {loader.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
             f"set model.vocab_size>={loader.vocab_size}"
         )
-    multiple = mb * dp_size
+    multiple = mb * dp_size  # sequences of one micro-batch on every data-parallel rank
     sched = cfg.schedule
-    plan = plan_run(sched, seq_len=cfg.seq_len, multiple=multiple)
+    # every ramp value is a global batch the pipeline schedule accepts (validate_config checked the whole ramp)
+    gran = batch_granularity(schedule=cfg.parallel.schedule, pp=cfg.parallel.pp, micro_batch_size=mb, dp=dp_size)
+    plan = plan_run(sched, seq_len=cfg.seq_len, gran=gran)
 
     step, tokens = 0, 0.0
     if resume_from is not None:
@@ -259,7 +269,8 @@ def _train(
         _save_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in kept))
         pc = count_parameters(cfg.model)
         n_params = sum(p.numel() for p in model.parameters())
-        first_batch = global_batch_at(tokens=0, sched=sched, multiple=multiple)
+        first_batch = global_batch_at(tokens=0, sched=sched, gran=gran)
+        last_batch = global_batch_at(tokens=float("inf"), sched=sched, gran=gran)
         say(f"run {run_name!r} in {run_dir}")
         say(f"ranks {env.world_size} ({mesh.describe_degrees()}, backend {dist.get_backend()}), device {device}, "
             f"precision {'bf16 autocast' if autocast_dtype is not None else 'fp32'}")
@@ -268,10 +279,12 @@ def _train(
             + ", ".join(f"{g['group']} {len(g['params'])}" for g in optimizer.param_groups))
         say(f"data: {type(data_cfg).__name__}, vocab {loader.vocab_size}, seq_len {cfg.seq_len}, "
             f"micro-batch {mb} sequences")
-        say(f"batch: {first_batch} -> {sched.batch_end} sequences ({_fmt(first_batch * cfg.seq_len)} -> "
-            f"{_fmt(sched.batch_end * cfg.seq_len)} tokens/step, {first_batch // multiple} -> "
-            f"{sched.batch_end // multiple} accumulation micro-batches per rank), ramp ends at step "
-            f"{plan.ramp_end_step}")
+        say(f"batch: {first_batch} -> {last_batch} sequences in steps of {gran.multiple} "
+            f"({_fmt(first_batch * cfg.seq_len)} -> {_fmt(last_batch * cfg.seq_len)} tokens/step, "
+            f"{first_batch // multiple} -> {last_batch // multiple} accumulation micro-batches per rank), "
+            f"ramp ends at step {plan.ramp_end_step}")
+        if (note := ramp_note(sched, gran=gran)) is not None:
+            log.warning(note)
         say(f"schedule: {plan.total_steps} steps, {_fmt(plan.total_tokens)} tokens; warmup {sched.warmup_steps} "
             f"steps (ends at {_fmt(plan.warmup_end_tokens)} tokens); peak lr {cfg.optim.lr:g}")
         if resume_from is not None:
@@ -294,7 +307,7 @@ def _train(
     try:
         while step < plan.total_steps:
             t0 = time.perf_counter()
-            batch = global_batch_at(tokens=tokens, sched=sched, multiple=multiple)
+            batch = global_batch_at(tokens=tokens, sched=sched, gran=gran)
             micro = [next(loader) for _ in range(batch // multiple)]
             lr = lr_at(step=step, tokens=tokens, peak=cfg.optim.lr, min_ratio=cfg.optim.min_lr_ratio, sched=sched)
             mtp_w = mtp_weight_at(tokens=tokens, sched=sched)
