@@ -73,7 +73,7 @@ def _run(cfg: object) -> None:
     from omegaconf import OmegaConf
 
     from megads.parallel.mesh import read_dist_env
-    from megads.train.config import ConfigError, default_run_name, to_train_config
+    from megads.train.config import ConfigError, default_run_name, to_train_config, validate_config
     from megads.train.trainer import train
 
     hydra_cfg = HydraConfig.get()
@@ -84,6 +84,7 @@ def _run(cfg: object) -> None:
         train_cfg = to_train_config(cfg)
         need = _needed_ranks(train_cfg)
         if read_dist_env().source == "single" and need > 1:
+            validate_config(train_cfg, world_size=need)  # one clear message here, not one per rank
             _spawn_ranks(need, overrides=list(hydra_cfg.overrides.task), job_dir=job_dir)
             return
         train(train_cfg, run_name=run_name, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),

@@ -66,8 +66,9 @@ class ScheduleConfig:
     lr_tails: list[LrStage] = field(
         default_factory=lambda: [LrStage(tokens=333e9, lr=2.2e-5), LrStage(tokens=167e9, lr=7.3e-6)]
     )
-    # global batch in sequences: batch_start -> batch_end linearly over batch_ramp_tokens, rounded
-    # down to a multiple of micro_batch_size * data-parallel size
+    # global batch in sequences: batch_start -> batch_end linearly over batch_ramp_tokens, each
+    # value rounded to the pipeline schedule's granularity (megads.train.schedule.batch_granularity:
+    # a multiple of micro_batch_size x dp x the schedule's micro-batch step, at least its minimum)
     batch_start: int = 3072
     batch_end: int = 15360
     batch_ramp_tokens: float = 469e9
