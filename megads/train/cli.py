@@ -74,6 +74,7 @@ def _run(cfg: object) -> None:
 
     from megads.parallel.mesh import read_dist_env
     from megads.train.config import ConfigError, default_run_name, to_train_config, validate_config
+    from megads.train.run_lock import RunFolderLockedError
     from megads.train.trainer import train
 
     hydra_cfg = HydraConfig.get()
@@ -89,7 +90,7 @@ def _run(cfg: object) -> None:
             return
         train(train_cfg, run_name=run_name, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
               job_dir=job_dir)
-    except ConfigError as e:
+    except (ConfigError, RunFolderLockedError) as e:
         print(f"megads-train: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

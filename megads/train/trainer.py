@@ -50,6 +50,7 @@ from megads.train.preflight import (
     resolve_run_dir,
     run_fingerprint,
 )
+from megads.train.run_lock import RunFolderLock, exit_when_launcher_dies
 from megads.train.schedule import (
     batch_granularity,
     bias_update_speed_at,
@@ -175,6 +176,7 @@ def train(
     `job_dir` is the Hydra job's output folder (hydra.run.dir, or the sweep job's folder under
     hydra.sweep.dir); an explicit `run_dir` wins over it.
     """
+    exit_when_launcher_dies()  # a torchrun worker ends when torchrun dies (no-op for srun / one process)
     env = read_dist_env()
     validate_config(cfg, world_size=env.world_size)
     data_cfg = resolve_data_config(cfg.data, check_paths=True)
@@ -186,32 +188,39 @@ def train(
     fingerprint = run_fingerprint(cfg, data_cfg)
     resume_from: Path | None = None
     changed_settings: list[str] = []
-    if env.rank == 0:
-        # Everything that can refuse the launch, before a process group or a model exists. Only
-        # rank 0 looks (the others wait in the rendezvous and take its answer).
-        check_writable(run_dir, what="the run folder")
-        check_writable(ckpt_dir, what="the checkpoint folder")
-        resume_from = find_resume(cfg, ckpt_dir=ckpt_dir)
-        if resume_from is not None:
-            changed_settings = check_resume(cfg, resume_from=resume_from, world_size=env.world_size,
-                                            fingerprint=fingerprint)
-
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    init_distributed(backend=cfg.parallel.resolve_backend(cuda=device.type == "cuda"), env=env)
+    lock = RunFolderLock(run_dir, rank=env.rank)  # taken by rank 0 only: one launch per run folder
     try:
-        # rank 0's answers for every rank (its clock and file system view decide)
-        shared = [run_dir, ckpt_dir, resume_from, changed_settings]
-        dist.broadcast_object_list(shared, src=0)
-        run_dir, ckpt_dir, resume_from, changed_settings = shared
-        return _train(cfg, env=env, device=device, autocast_dtype=autocast_dtype, data_cfg=data_cfg,
-                      run_name=run_name, run_dir=run_dir, ckpt_dir=ckpt_dir, resume_from=resume_from,
-                      changed_settings=changed_settings, resolved_yaml=resolved_yaml, fingerprint=fingerprint)
+        if env.rank == 0:
+            # Everything that can refuse the launch, before a process group or a model exists. Only
+            # rank 0 looks (the others wait in the rendezvous and take its answer); a refused launch
+            # writes nothing into the folder.
+            check_writable(run_dir, what="the run folder")
+            lock.acquire()
+            check_writable(ckpt_dir, what="the checkpoint folder")
+            resume_from = find_resume(cfg, ckpt_dir=ckpt_dir)
+            if resume_from is not None:
+                changed_settings = check_resume(cfg, resume_from=resume_from, world_size=env.world_size,
+                                                fingerprint=fingerprint)
+
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        init_distributed(backend=cfg.parallel.resolve_backend(cuda=device.type == "cuda"), env=env)
+        try:
+            # rank 0's answers for every rank (its clock and file system view decide)
+            shared = [run_dir, ckpt_dir, resume_from, changed_settings]
+            dist.broadcast_object_list(shared, src=0)
+            run_dir, ckpt_dir, resume_from, changed_settings = shared
+            return _train(cfg, env=env, device=device, autocast_dtype=autocast_dtype, data_cfg=data_cfg,
+                          run_name=run_name, run_dir=run_dir, ckpt_dir=ckpt_dir, resume_from=resume_from,
+                          changed_settings=changed_settings, resolved_yaml=resolved_yaml,
+                          fingerprint=fingerprint)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        lock.release()
 
 
 def _train(
