@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +39,7 @@ from megads.convert.cli import main  # noqa: E402
 from megads.convert.trainer_checkpoint import load_model_from_checkpoint  # noqa: E402
 from megads.model.transformer import DeepseekV3  # noqa: E402
 from megads.parallel.expert_parallel import shard_experts  # noqa: E402
+from megads.testing.launch import run_trainer, trainer_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -58,25 +57,9 @@ SHARDED = ["parallel=pp2_ep2", "parallel.schedule=dualpipev", "parallel.micro_ba
 PP, EP, WORLD = 2, 2, 4
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env.pop("WANDB_API_KEY", None)
-    return env
-
-
 def _train(run_dir: Path, *overrides: str, nproc: int) -> Path:
     """Run megads-train (torchrun for nproc > 1); return the final step folder."""
-    if nproc > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
-                    str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(port)]
-    else:
-        launcher = [sys.executable]
-    cmd = [*launcher, "-m", "megads.train.cli", *RUN, f"run_dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_trainer([*RUN, f"run_dir={run_dir}", *overrides], nproc=nproc)
     step = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     assert (step / "meta.json").is_file(), sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     return step
@@ -84,7 +67,7 @@ def _train(run_dir: Path, *overrides: str, nproc: int) -> Path:
 
 def _convert_cli(src: Path, dst: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "megads.convert.cli", "to-hf", str(src), str(dst)], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=trainer_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert f"wrote {dst}" in proc.stdout
 

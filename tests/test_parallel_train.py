@@ -10,14 +10,13 @@ tests/test_parallel_equivalence.py; this test covers the trainer wiring.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from megads.testing.launch import run_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = [
@@ -29,19 +28,7 @@ COMMON = [
 
 
 def _launch(run_dir: Path, *overrides: str, nproc: int = 4) -> subprocess.CompletedProcess[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(port),
-        "-m", "megads.train.cli", *COMMON, f"run_dir={run_dir}", *overrides,
-    ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env.pop("WANDB_API_KEY", None)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+    return run_trainer([*COMMON, f"run_dir={run_dir}", *overrides], nproc=nproc)
 
 
 def _metrics(run_dir: Path) -> list[dict[str, float]]:

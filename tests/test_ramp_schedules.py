@@ -13,14 +13,12 @@ tests/test_train_schedule.py::test_every_schedule_accepts_every_ramp_value.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from megads.testing.launch import run_trainer
 from pipeline.schedules import validate_microbatches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,19 +43,7 @@ CASES = {
 
 
 def _launch(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "4",
-        "--master-addr", "127.0.0.1", "--master-port", str(port),
-        "-m", "megads.train.cli", *COMMON, f"run_dir={run_dir}", *overrides,
-    ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env.pop("WANDB_API_KEY", None)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+    return run_trainer([*COMMON, f"run_dir={run_dir}", *overrides], nproc=4)
 
 
 def _check(tmp_path: Path, schedule: str) -> None:

@@ -10,10 +10,10 @@ hydra.run.dir is the folder of a single run. The sweep runs the main job's defau
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
+
+from megads.testing.launch import run_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["model=tiny", "seq_len=32", "schedule.warmup_steps=1", "data=fallback", "data.max_bytes=200000",
@@ -21,14 +21,7 @@ SHORT = ["model=tiny", "seq_len=32", "schedule.warmup_steps=1", "data=fallback",
 
 
 def _megads_train(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env.pop("WANDB_API_KEY", None)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
-        env.pop(var, None)
-    proc = subprocess.run([sys.executable, "-m", "megads.train.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_trainer(args, nproc=1, cwd=cwd)  # one process: megads-train starts the ranks itself
 
 
 def _losses(run_dir: Path) -> list[float]:

@@ -10,15 +10,14 @@ The uninterrupted run also checks the wandb offline run folder and the PNGs.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from megads.testing.launch import run_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = [
@@ -30,28 +29,14 @@ COMMON = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 FALLBACK = ("data=fallback", "data.max_bytes=400000")
 
 
 def _launch(
     run_dir: Path, *overrides: str, wandb_mode: str = "disabled", data: tuple[str, ...] = FALLBACK
 ) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        "-m", "megads.train.cli", *COMMON, *data, f"run_dir={run_dir}", *overrides,
-    ]
-    env = {**os.environ, "WANDB_MODE": wandb_mode, "OMP_NUM_THREADS": "1"}
-    env.pop("WANDB_API_KEY", None)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_trainer([*COMMON, *data, f"run_dir={run_dir}", *overrides], nproc=2, wandb_mode=wandb_mode,
+                       timeout=300)
 
 
 def _metrics(run_dir: Path) -> list[dict[str, float]]:
