@@ -757,7 +757,6 @@ def _device_worker(rank: int, world: int, outdir: str) -> None:
     from megads.parallel.config import pieces_per_rank
     from megads.parallel.executor import OptimSettings, ParallelExecutor
     from megads.parallel.mesh import ParallelMesh, plan_layout
-    from megads.parallel.overlap_stage import OverlapParallelExecutor
     from megads.testing.parallel import make_batches, tiny_config
 
     cfg = tiny_config()
@@ -778,9 +777,8 @@ def _device_worker(rank: int, world: int, outdir: str) -> None:
                     pieces_per_rank=pieces_per_rank(schedule) if pp > 1 else 1,
                 )
                 mesh = ParallelMesh.build(plan)
-                cls = OverlapParallelExecutor if kind == "OverlapParallelExecutor" else ParallelExecutor
-                ex = cls(cfg, mesh=mesh, plan=plan, schedule=schedule, micro_batch_size=2, seed=3, optim=optim,
-                         device=device)
+                ex = ParallelExecutor(cfg, mesh=mesh, plan=plan, schedule=schedule, micro_batch_size=2, seed=3,
+                                      optim=optim, device=device, overlap_fb=kind == "OverlapParallelExecutor")
                 losses = []
                 for ids, labels in batches:
                     for t in (ids, labels):

@@ -1,7 +1,7 @@
 """F&B overlap of the DeepSeek stage with real gloo all-to-alls: overlapped pair vs F then B.
 
 Two gloo ranks, ep = 2, pp = 1, a small DeepSeek model (dense first layer, MoE layers, MTP).
-`DeepseekOverlapStage` holds one chunk; each timed iteration runs the forward of micro-batch 1
+`DeepseekStage(overlap=True)` holds one chunk; each timed iteration runs the forward of micro-batch 1
 and the full backward of micro-batch 0, either one after the other (the peer: `forward` then
 `backward_full`) or as one F&B action (`forward_backward_overlapped`, sub-steps interleaved at
 the all-to-alls). Both ranks start each timed region at a barrier; the figure is the median
@@ -16,7 +16,7 @@ summed latency of its all-to-alls (4 per MoE block per pair).
 
     .venv/bin/python -m tools.bench_overlap --latency-ms 0 10 --iters 10
 
-`--pipeline` times whole DualPipeV steps instead (4 ranks, pp 2 x ep 2, `OverlapParallelExecutor`),
+`--pipeline` times whole DualPipeV steps instead (4 ranks, pp 2 x ep 2, `ParallelExecutor(overlap_fb=True)`),
 against the same segmented stage whose F&B runs F then B, with the same added latency.
 """
 
@@ -33,11 +33,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-import megads.parallel.overlap_stage as overlap_stage
 from megads.model.config import ModelConfig
+from megads.parallel.executor import ParallelExecutor
 from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules, shard_experts
 from megads.parallel.mesh import ParallelMesh, plan_layout
-from megads.parallel.overlap_stage import DeepseekOverlapStage, OverlapParallelExecutor
 from megads.parallel.stages import DeepseekStage, build_stage_model, piece_specs
 from megads.testing.parallel import spawn
 from pipeline.schedules import build_schedule
@@ -71,10 +70,10 @@ class _Delayed:
 
 
 def _add_latency(dispatchers: list[AllToAllDispatcher], latency: dict[str, float]) -> None:
-    """Delay every all-to-all handle the stage uses (forward: dispatcher; backward: all_to_all_rows)
+    """Delay every all-to-all handle the stage uses (the dispatcher's forward and backward starts)
     by `latency["s"]` seconds (read at each issue)."""
     for d in dispatchers:
-        for name in ("dispatch_start", "combine_start"):
+        for name in ("dispatch_start", "combine_start", "dispatch_backward_start", "combine_backward_start"):
             orig = getattr(d, name)
 
             def delayed(*a: Any, _orig: Any = orig, **k: Any) -> Any:
@@ -83,13 +82,6 @@ def _add_latency(dispatchers: list[AllToAllDispatcher], latency: dict[str, float
                 return h
 
             setattr(d, name, delayed)
-    rows = overlap_stage.all_to_all_rows
-
-    def delayed_rows(*a: Any, **k: Any) -> Any:
-        out, pending = rows(*a, **k)
-        return out, _Delayed(pending, latency["s"])
-
-    overlap_stage.all_to_all_rows = delayed_rows  # type: ignore[assignment]
 
 
 def worker(rank: int, world: int, args: dict[str, Any], outpath: str) -> None:
@@ -99,8 +91,9 @@ def worker(rank: int, world: int, args: dict[str, Any], outpath: str) -> None:
     model = build_stage_model(cfg, specs=specs, seed=0)
     shard_experts(model, group=None, ep_size=world, ep_rank=rank)
     model.train()
-    stage = DeepseekOverlapStage(
-        model, layout=sched.layout, rank=0, specs=specs, pp_group=None, mtp_weight=0.3, grad_scale=1.0 / world
+    stage = DeepseekStage(
+        model, layout=sched.layout, rank=0, specs=specs, pp_group=None, mtp_weight=0.3, grad_scale=1.0 / world,
+        overlap=True,
     )
     # a second peer at L = 0 only: the unsegmented DeepseekStage (its backward all-to-alls run
     # inside autograd, where no latency can be added), to show what the segmentation costs
@@ -171,7 +164,7 @@ def worker(rank: int, world: int, args: dict[str, Any], outpath: str) -> None:
         os.replace(tmp, outpath)
 
 
-class SequentialFBStage(DeepseekOverlapStage):
+class SequentialFBStage(DeepseekStage):
     """The peer of the pipeline mode: the same segmented stage, F&B run as F then BW."""
 
     def forward_backward_overlapped(
@@ -179,10 +172,6 @@ class SequentialFBStage(DeepseekOverlapStage):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         y = self.forward(f.chunk, f.mb, f.x)
         return y, self.backward_full(b.chunk, b.mb, b.grad_y)
-
-
-class _SequentialExecutor(OverlapParallelExecutor):
-    stage_cls = SequentialFBStage
 
 
 def pipeline_worker(rank: int, world: int, args: dict[str, Any], outpath: str) -> None:
@@ -193,8 +182,9 @@ def pipeline_worker(rank: int, world: int, args: dict[str, Any], outpath: str) -
         n_group=cfg.n_group, topk_group=cfg.topk_group, pieces_per_rank=2, stage_layers=args["stage_layers"],
     )
     mesh = ParallelMesh.build(plan)
-    exs = {mode: cls(cfg, mesh=mesh, plan=plan, schedule="dualpipev", micro_batch_size=1, seed=0)
-           for mode, cls in (("sequential", _SequentialExecutor), ("overlapped", OverlapParallelExecutor))}
+    exs = {mode: ParallelExecutor(cfg, mesh=mesh, plan=plan, schedule="dualpipev", micro_batch_size=1, seed=0,
+                                  overlap_fb=True, stage_cls=cls)
+           for mode, cls in (("sequential", SequentialFBStage), ("overlapped", DeepseekStage))}
     latency = {"s": 0.0}
     _add_latency([d for ex in exs.values() for m in moe_modules(ex.model)
                   if isinstance(d := m.dispatcher, AllToAllDispatcher)], latency)

@@ -2,7 +2,7 @@
 
 from megads.model.config import ModelConfig, RopeScalingConfig, count_parameters
 from megads.model.linear import GroupedLinear, LinearFactory
-from megads.model.transformer import DeepseekV3, LossOutput, ModelOutput, loss_from_output
+from megads.model.transformer import DeepseekV3, LossOutput, ModelOutput, loss_from_output, total_loss
 
 __all__ = [
     "DeepseekV3",
@@ -14,4 +14,5 @@ __all__ = [
     "RopeScalingConfig",
     "count_parameters",
     "loss_from_output",
+    "total_loss",
 ]

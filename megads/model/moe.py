@@ -10,6 +10,11 @@ overlap the two all-to-alls with other work:
     y       = moe.experts_forward(d)    each local expert runs once on its contiguous slice
     out     = moe.combine(y, d, routing, x)  reverse of dispatch, gate-weighted sum, + shared experts
 
+The communication inside dispatch and combine is the dispatcher's; everything else is a method
+here, so a stage that issues the all-to-alls itself (`megads.parallel.stages`) calls the same
+pieces: `dispatch_input` (the rows to send, cast to the autocast dtype), `shared_forward`,
+`combine_output` (gate-weighted sum + shared experts).
+
 `forward` runs the four steps in order. No token is ever dropped.
 
 Shapes: B batch, T sequence, N = B*T tokens, D hidden, K top-k, M dispatched rows, I expert width.
@@ -66,25 +71,37 @@ class MoE(nn.Module):
     def route(self, x_BTD: torch.Tensor) -> Routing:
         return self.gate(x_BTD.reshape(-1, x_BTD.shape[-1]), seq_len=x_BTD.shape[1])
 
+    def dispatch_input(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The rows the dispatch sends, [N, D]. The experts' first GEMM runs in the autocast dtype
+        anyway: casting before the dispatch gives the same result and moves half the bytes
+        through the all-to-all."""
+        return to_autocast_dtype(x_BTD.reshape(-1, x_BTD.shape[-1]))
+
     def dispatch(self, x_BTD: torch.Tensor, routing: Routing) -> DispatchResult:
-        # The experts' first GEMM runs in the autocast dtype anyway: casting before the dispatch
-        # gives the same result and moves half the bytes through the all-to-all.
-        x_ND = to_autocast_dtype(x_BTD.reshape(-1, x_BTD.shape[-1]))
-        return self.dispatcher.dispatch(x_ND, routing.topk_idx_NK)
+        return self.dispatcher.dispatch(self.dispatch_input(x_BTD), routing.topk_idx_NK)
 
     def experts_forward(self, dispatched: DispatchResult) -> torch.Tensor:
         return self.experts(dispatched.x_MD, dispatched.counts)
+
+    def shared_forward(self, x_BTD: torch.Tensor) -> torch.Tensor | None:
+        return self.shared_experts(x_BTD) if self.shared_experts is not None else None
+
+    def combine_output(
+        self, y_NKD: torch.Tensor, routing: Routing, shared_BTD: torch.Tensor | None, *, shape_BTD: torch.Size
+    ) -> torch.Tensor:
+        """Gate-weighted sum of the expert outputs back in (token, k) order, plus the shared experts."""
+        weight_NK1 = routing.topk_weight_NK.to(y_NKD.dtype).unsqueeze(-1)
+        routed_ND = (y_NKD * weight_NK1).sum(dim=1)
+        out_BTD = routed_ND.view(shape_BTD)
+        if shared_BTD is not None:
+            out_BTD = out_BTD + shared_BTD
+        return out_BTD
 
     def combine(
         self, y_MD: torch.Tensor, dispatched: DispatchResult, routing: Routing, x_BTD: torch.Tensor
     ) -> torch.Tensor:
         y_NKD = self.dispatcher.combine(y_MD, dispatched)
-        weight_NK1 = routing.topk_weight_NK.to(y_NKD.dtype).unsqueeze(-1)
-        routed_ND = (y_NKD * weight_NK1).sum(dim=1)
-        out_BTD = routed_ND.view_as(x_BTD)
-        if self.shared_experts is not None:
-            out_BTD = out_BTD + self.shared_experts(x_BTD)
-        return out_BTD
+        return self.combine_output(y_NKD, routing, self.shared_forward(x_BTD), shape_BTD=x_BTD.shape)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (output, sequence-wise balance loss)."""

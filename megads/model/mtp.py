@@ -37,10 +37,13 @@ class MTPModule(nn.Module):
         self.block = TransformerBlock(cfg, layer_idx=cfg.num_hidden_layers + depth - 1, factory=factory)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
+    def project(self, h_prev_BTD: torch.Tensor, emb_BTD: torch.Tensor) -> torch.Tensor:
+        """h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]), the block's input."""
+        return self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_prev_BTD)], dim=-1))
+
     def forward(
         self, h_prev_BTD: torch.Tensor, emb_BTD: torch.Tensor, rope: RopeCache
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (h^k before the final norm, normed h^k for the head, balance loss)."""
-        x_BTD = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_prev_BTD)], dim=-1))
-        h_BTD, balance = self.block(x_BTD, rope)
+        h_BTD, balance = self.block(self.project(h_prev_BTD, emb_BTD), rope)
         return h_BTD, self.norm(h_BTD), balance

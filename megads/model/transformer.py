@@ -17,6 +17,7 @@ Shapes: B batch, T sequence, D hidden, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -112,23 +113,37 @@ class DeepseekV3(nn.Module):
         assert self.norm is not None and self.lm_head is not None, "this stage holds no output head"
         return self.lm_head(self.norm(h_BTD))
 
+    def mtp_depths(self, seq_len: int) -> list[tuple[int, MTPModule]]:
+        """(depth k, module) of every MTP depth a sequence of `seq_len` tokens reaches (T - k > 0)."""
+        if not self.mtp:
+            return []
+        return [(k, m) for k, m in enumerate(self.mtp.values(), start=1) if seq_len - k > 0]  # type: ignore[misc]
+
+    def mtp_input(
+        self, module: MTPModule, depth: int, h_BTD: torch.Tensor, input_ids_BT: torch.Tensor, rope: RopeCache
+    ) -> tuple[torch.Tensor, RopeCache]:
+        """Input of depth k's block, [B, T-k, D], and the rope of its T-k positions."""
+        assert self.embed_tokens is not None
+        T = input_ids_BT.shape[1]
+        emb_BTD = self.embed_tokens(input_ids_BT[:, depth:])
+        rope_k = (rope[0][: T - depth], rope[1][: T - depth])
+        return module.project(h_BTD[:, : T - depth], emb_BTD), rope_k
+
+    def mtp_head(self, module: MTPModule, h_BTD: torch.Tensor) -> torch.Tensor:
+        """Depth k's logits from its block output (the shared output head)."""
+        assert self.lm_head is not None
+        return self.lm_head(module.norm(h_BTD))
+
     def mtp_forward(
         self, h_BTD: torch.Tensor, input_ids_BT: torch.Tensor, rope: RopeCache
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """MTP logits for depths 1..D (depth k: [B, T-k, V]) and their summed balance loss."""
         logits: list[torch.Tensor] = []
         balance = h_BTD.new_zeros((), dtype=torch.float32)
-        if not self.mtp:
-            return logits, balance
-        assert self.embed_tokens is not None and self.lm_head is not None
-        T = input_ids_BT.shape[1]
-        for k, module in enumerate(self.mtp.values(), start=1):
-            if T - k <= 0:
-                break
-            emb_BTD = self.embed_tokens(input_ids_BT[:, k:])
-            rope_k = (rope[0][: T - k], rope[1][: T - k])
-            h_BTD, normed_BTD, b = module(h_BTD[:, : T - k], emb_BTD, rope_k)
-            logits.append(self.lm_head(normed_BTD))
+        for k, module in self.mtp_depths(input_ids_BT.shape[1]):
+            x_BTD, rope_k = self.mtp_input(module, k, h_BTD, input_ids_BT, rope)
+            h_BTD, b = module.block(x_BTD, rope_k)
+            logits.append(self.mtp_head(module, h_BTD))
             balance = balance + b
         return logits, balance
 
@@ -150,19 +165,23 @@ class DeepseekV3(nn.Module):
         return loss_from_output(out, labels_BT, mtp_weight=mtp_weight)
 
 
-def mtp_loss(mtp_logits: list[torch.Tensor], labels_BT: torch.Tensor) -> torch.Tensor:
-    """Mean over depths of the depth-k cross entropies (targets y[:, k:])."""
-    if not mtp_logits:
-        return labels_BT.new_zeros((), dtype=torch.float32)
-    losses = [cross_entropy(lg, labels_BT[:, k:]) for k, lg in enumerate(mtp_logits, start=1)]
-    return torch.stack(losses).mean()
+def total_loss(
+    *, lm: torch.Tensor, mtp_ce: Sequence[torch.Tensor], balance: torch.Tensor, mtp_weight: float
+) -> LossOutput:
+    """L = CE + lambda * mean_k CE_k + balance (lambda/D * sum_k = lambda * mean_k); the one place
+    the loss is assembled (the model, the pipeline stage and the tests use it).
+
+    `mtp_ce` holds the cross entropy of each MTP depth that ran (targets y[:, k:]).
+    """
+    mtp = torch.stack(list(mtp_ce)).mean() if mtp_ce else lm.new_zeros(())
+    total = lm + balance
+    if mtp_ce and mtp_weight > 0:
+        total = total + mtp_weight * mtp
+    return LossOutput(total=total, lm=lm.detach(), mtp=mtp.detach(), balance=balance.detach())
 
 
 def loss_from_output(out: ModelOutput, labels_BT: torch.Tensor, *, mtp_weight: float) -> LossOutput:
     lm = cross_entropy(out.logits, labels_BT)
-    mtp = mtp_loss(out.mtp_logits, labels_BT)
+    mtp_ce = [cross_entropy(lg, labels_BT[:, k:]) for k, lg in enumerate(out.mtp_logits, start=1)]
     balance = out.balance_loss if out.balance_loss is not None else lm.new_zeros(())
-    total = lm + balance
-    if out.mtp_logits and mtp_weight > 0:
-        total = total + mtp_weight * mtp  # lambda/D * sum_k = lambda * mean_k
-    return LossOutput(total=total, lm=lm.detach(), mtp=mtp.detach(), balance=balance.detach())
+    return total_loss(lm=lm, mtp_ce=mtp_ce, balance=balance, mtp_weight=mtp_weight)

@@ -4,7 +4,7 @@ Parallelism is applied to the single-device model in one fixed order:
 
     1. plan_layout (numbers only)  2. ParallelMesh.build (groups)
     3. build_stage_model (whole model under the seed, pruned to this rank's pieces)
-    4. shard_experts (ep)          5. DeepseekStage + PipelineRuntime (schedule)
+    4. shard_experts (ep)          5. DeepseekStage (overlap_fb chooses the segmented F&B) + PipelineRuntime
     6. Zero1AdamW (dp / edp / embed groups)
 
 A step on the global batch [G, T]: data-parallel rank d takes rows [d*G/dp, (d+1)*G/dp) and
@@ -124,8 +124,15 @@ class ParallelExecutor:
         device: torch.device | str = "cpu",
         param_groups_fn: Any = None,
         autocast_dtype: torch.dtype | None = None,
+        overlap_fb: bool = False,
+        stage_cls: type[DeepseekStage] = DeepseekStage,
     ) -> None:
+        """`overlap_fb`: the stage cuts its graph at the expert all-to-alls and its F&B actions
+        overlap them with the other chunk's compute (`DeepseekStage(overlap=True)`); `stage_cls`
+        lets a tool run a subclass of the stage (the overlap benchmark's sequential peer)."""
         self.cfg = cfg
+        self.overlap_fb = overlap_fb
+        self.stage_cls = stage_cls
         self.mesh = mesh
         self.plan = plan
         self.schedule_name = schedule
@@ -183,10 +190,10 @@ class ParallelExecutor:
     def _runtime(self, num_microbatches: int, *, mtp_weight: float) -> tuple[PipelineRuntime, DeepseekStage]:
         if num_microbatches not in self._runtimes:
             sched = build_schedule(self.schedule_name, pp=self.plan.pp, num_microbatches=num_microbatches)
-            stage = DeepseekStage(
+            stage = self.stage_cls(
                 self.model, layout=sched.layout, rank=self.mesh.pp_rank, specs=self.specs, pp_group=self.mesh.pp_group,
                 mtp_weight=mtp_weight, grad_scale=1.0 / self.mesh.dp, device=self.device,
-                autocast_dtype=self.autocast_dtype,
+                autocast_dtype=self.autocast_dtype, overlap=self.overlap_fb,
             )
             counts: dict[int, int] = {}
             for c in sched.layout.chunks_on(self.mesh.pp_rank):

@@ -16,8 +16,13 @@ Rank r of an ep group of size P holds experts [r*E/P, (r+1)*E/P) of every MoE la
 
 Both directions can run as two steps, `*_start` (returns a handle whose all-to-all is in flight,
 `async_op=True`) and `handle.wait()`, so a schedule can overlap the exchange with other compute;
-`dispatch`/`combine` are the synchronous composition the MoE module calls. Backward all-to-alls
-run synchronously inside autograd. A DeepEP backend would be another class with these methods.
+`dispatch`/`combine` are the synchronous composition the MoE module calls, whose backward
+all-to-alls run synchronously inside autograd. A stage that cuts its graph at the exchanges
+(`megads.parallel.overlap_stage`) sends the gradients back itself with `dispatch_backward_start`
+/ `combine_backward_start`: the reverse all-to-all, asynchronous, with the permutations above
+applied by hand (a permutation's gradient is the inverse permutation, the token-to-row
+gather's gradient an `index_add`). Only this class reads its exchange record (`result.state`).
+A DeepEP backend would be another class with these methods.
 
 Node-limited routing needs no code here: with n_group expert groups laid out so that a group
 never straddles two nodes (checked by `plan_layout`), the router's group-limited top-k
@@ -29,6 +34,7 @@ Shapes: N tokens, K top-k, D hidden, M rows this rank's experts receive, S rows 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +135,18 @@ class CombineHandle:
         return y_SD.view(st["N"], st["K"], y_SD.shape[-1])
 
 
+@dataclass
+class GradHandle:
+    """A reverse all-to-all of the backward in flight; `wait()` returns the sent value's gradient."""
+
+    pending: Any  # waitable: the all-to-all work
+    finish: Callable[[], torch.Tensor]  # the local permutation after the exchange
+
+    def wait(self) -> torch.Tensor:
+        self.pending.wait()
+        return self.finish()
+
+
 class AllToAllDispatcher:
     """Token dispatcher over an expert-parallel group (see the module docstring)."""
 
@@ -152,11 +170,13 @@ class AllToAllDispatcher:
         # Rows this rank sent in dispatch since the last `reset_volume` (for the benchmark).
         self.sent_rows = 0
         self.sent_remote_rows = 0
+        self.sent_bytes = 0  # bytes of the rows this rank sent in dispatch (their dtype decides)
         self.max_nodes_per_token = 0  # most nodes one token reached since the last reset
 
     def reset_volume(self) -> None:
         self.sent_rows = 0
         self.sent_remote_rows = 0
+        self.sent_bytes = 0
         self.max_nodes_per_token = 0
 
     # -- dispatch ---------------------------------------------------------------------------------
@@ -180,6 +200,7 @@ class AllToAllDispatcher:
         if N and self.ranks_per_node < self.ep_size:
             self.max_nodes_per_token = max(self.max_nodes_per_token, int(self.nodes_reached(topk_idx_NK).max()))
         x_SD = x_ND.index_select(0, sort_S // K)
+        self.sent_bytes += x_SD.numel() * x_SD.element_size()
         rows_MD, pending = all_to_all_rows(x_SD, out_splits=out_splits, in_splits=in_splits, group=self.group)
         # Received blocks are (source p, local expert l) with recv_counts[p][l] rows; sort by (l, p).
         recv_PL = torch.tensor(recv_counts, dtype=torch.long, device=x_ND.device)
@@ -188,7 +209,7 @@ class AllToAllDispatcher:
         perm_M = torch.argsort(key_M, stable=True)
         counts = recv_PL.sum(0).tolist()
         state = {
-            "N": N, "K": K, "unsort_S": unsort_S, "perm_M": perm_M,
+            "N": N, "K": K, "sort_S": sort_S, "unsort_S": unsort_S, "perm_M": perm_M,
             "in_splits": in_splits, "out_splits": out_splits,
         }
         return DispatchHandle(rows_MD=rows_MD, pending=pending, perm_M=perm_M, counts=counts, state=state)
@@ -210,6 +231,33 @@ class AllToAllDispatcher:
 
     def combine(self, y_MD: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         return self.combine_start(y_MD, result).wait()
+
+    # -- backward of both, for a stage that cuts its graph at the exchanges ------------------------
+    def dispatch_backward_start(self, grad_x_MD: torch.Tensor, result: DispatchResult) -> GradHandle:
+        """Gradient of the dispatched rows -> gradient of `dispatch_start`'s x_ND, [N, D]."""
+        st = result.state
+        inv_M = torch.empty_like(st["perm_M"])
+        inv_M[st["perm_M"]] = torch.arange(inv_M.numel(), device=inv_M.device)
+        grad_rows_MD = grad_x_MD.index_select(0, inv_M).contiguous()  # back to (source, local expert)
+        grad_SD, pending = all_to_all_rows(
+            grad_rows_MD, out_splits=st["in_splits"], in_splits=st["out_splits"], group=self.group
+        )
+
+        def finish() -> torch.Tensor:
+            token_S = st["sort_S"] // st["K"]  # sorted row -> token
+            return grad_SD.new_zeros((st["N"], grad_SD.shape[-1])).index_add_(0, token_S, grad_SD)
+
+        return GradHandle(pending=pending, finish=finish)
+
+    def combine_backward_start(self, grad_y_NKD: torch.Tensor, result: DispatchResult) -> GradHandle:
+        """Gradient of the combined outputs [N, K, D] -> gradient of `combine_start`'s y_MD."""
+        st = result.state
+        grad_y_SD = grad_y_NKD.reshape(-1, grad_y_NKD.shape[-1])
+        grad_rows_SD = grad_y_SD.index_select(0, st["sort_S"]).contiguous()  # (token, k) -> sorted by expert
+        grad_MD, pending = all_to_all_rows(
+            grad_rows_SD, out_splits=st["out_splits"], in_splits=st["in_splits"], group=self.group
+        )
+        return GradHandle(pending=pending, finish=lambda: grad_MD.index_select(0, st["perm_M"]))
 
     # -- diagnostics ------------------------------------------------------------------------------
     def nodes_reached(self, topk_idx_NK: torch.Tensor) -> torch.Tensor:

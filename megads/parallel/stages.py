@@ -11,11 +11,18 @@ over the mesh's embed group (Megatron's tied-embedding rule). When both ends liv
 weights a single process would have) and deletes what the rank does not hold; `layers` stays a
 string-keyed ModuleDict so parameter names match the single-process model.
 
-`DeepseekStage` implements `pipeline.stage.PipelineStage` for one rank:
+`DeepseekStage` implements `pipeline.stage.PipelineStage` for one rank, with one forward written
+once as a generator (`forward_steps`) that yields each in-flight all-to-all:
 
     forward(chunk, mb, x): first piece embeds micro-batch mb's tokens, every piece runs its
-        layers (summing their sequence-wise balance losses), the last piece adds the head,
-        the MTP modules and returns the micro-batch loss L = CE + lambda * MTP + balance(last)
+        layers (summing their sequence-wise balance losses; a MoE block runs the MoE's own
+        steps), the last piece adds the head, the MTP depths (the model's `mtp_input` /
+        `mtp_head`) and returns the micro-batch loss `total_loss` (CE + lambda * MTP + balance)
+
+`overlap=True` cuts the graph at every expert all-to-all (megads.parallel.overlap_stage: the
+tape, its segments, the backward walk) and makes F&B interleave a forward and a backward chunk;
+with overlap off, or with the local dispatcher (ep = 1), a chunk is one segment and nothing is
+yielded. Plain F/B/W/BW actions drive the same generators one handle at a time.
     backward(chunk, mb, grad_y): one autograd call over [y, balance] with gradients
         [grad_y * s, s/M] where s = 1/dp (the runtime already divides the loss gradient by the
         M micro-batches; the dp factor makes a SUM over data-parallel ranks the mean) and the
@@ -31,18 +38,25 @@ Shapes: B micro-batch sequences, T sequence, D hidden, V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megads.model.block import RopeCache, TransformerBlock
 from megads.model.config import ModelConfig
-from megads.model.transformer import DeepseekV3, cross_entropy, mtp_loss
+from megads.model.dispatch import DispatchResult
+from megads.model.moe import MoE
+from megads.model.transformer import DeepseekV3, cross_entropy, total_loss
+from megads.parallel.expert_parallel import AllToAllDispatcher
+from megads.parallel.overlap_stage import Reverse, Steps, Tape, drive, weight_grads
 from pipeline.actions import Layout
-from pipeline.stage import StageBase, TensorMeta
+from pipeline.overlap import Waitable, interleave
+from pipeline.stage import BackwardArgs, ForwardArgs, StageBase, TensorMeta
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,27 @@ def build_stage_model(
     return model.to(dtype)
 
 
+@dataclass
+class ChunkCarry:
+    """The values a chunk's forward carries from block to block (cut at each exchange)."""
+
+    h_BTD: torch.Tensor  # the residual stream (the MTP block's input inside an MTP depth)
+    balance: torch.Tensor  # balance loss of the main layers so far
+    mtp_balance: torch.Tensor | None = None  # of the MTP blocks so far (last piece, MTP on)
+    lm: torch.Tensor | None = None  # main cross entropy (last piece, after the head)
+    mtp_ce: list[torch.Tensor] = field(default_factory=list)  # cross entropy of each MTP depth run
+
+
+@dataclass
+class MoECarry:
+    """What a MoE block keeps across its two exchanges."""
+
+    f_BTD: torch.Tensor | None  # the FFN input, until the shared experts have run on it
+    weight_NK: torch.Tensor  # gate weights for the combine
+    balance: torch.Tensor  # this block's sequence-wise balance loss
+    shared_BTD: torch.Tensor | None = None  # the shared experts' output
+
+
 class DeepseekStage(StageBase):
     """Pipeline stage of one rank (see the module docstring).
 
@@ -116,8 +151,10 @@ class DeepseekStage(StageBase):
         grad_scale: float,
         device: torch.device | str = "cpu",
         autocast_dtype: torch.dtype | None = None,
+        overlap: bool = False,
     ) -> None:
         self.model = model
+        self.overlap = overlap
         self.pp_group = pp_group
         self.autocast_dtype = autocast_dtype
         # called with a chunk's parameters once their gradients are final for the step
@@ -135,8 +172,9 @@ class DeepseekStage(StageBase):
         self.dtype = next(model.parameters()).dtype
         self._microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._m = 1
-        self._saved: dict[tuple[int, int], tuple[torch.Tensor | None, list[torch.Tensor]]] = {}
-        self._grads: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._tapes: dict[tuple[int, int], Tape] = {}
+        # B/W split: per segment (outputs, output gradients) that W still has to walk
+        self._w_pending: dict[tuple[int, int], list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = {}
         # per-step sums of detached loss parts on this rank: lm, mtp, balance (all pieces here)
         self.stats = torch.zeros(3, dtype=torch.float64)
 
@@ -180,7 +218,7 @@ class DeepseekStage(StageBase):
                 offset += n
 
     def end_step(self) -> None:
-        assert not self._saved and not self._grads, (list(self._saved), list(self._grads))
+        assert not self._tapes and not self._w_pending, (list(self._tapes), list(self._w_pending))
         self._microbatches = None
 
     def _meta(self, mb: int) -> TensorMeta:
@@ -217,48 +255,126 @@ class DeepseekStage(StageBase):
 
     # ------------------------------------------------------------------ forward
     def forward(self, chunk: int, mb: int, x: torch.Tensor | None) -> torch.Tensor:
-        if self.autocast_dtype is None:
-            return self._forward(chunk, mb, x)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-            return self._forward(chunk, mb, x)
+        return drive(self.forward_steps(chunk, mb, x))
 
-    def _forward(self, chunk: int, mb: int, x: torch.Tensor | None) -> torch.Tensor:
+    def forward_steps(self, chunk: int, mb: int, x: torch.Tensor | None) -> Steps:
+        """The chunk's forward; yields each in-flight all-to-all (none without cuts), returns y.
+
+        Each resume runs under the stage's autocast, and only while it runs: an interleaved
+        chunk's steps get their own entry.
+        """
+        steps = self._forward_steps(chunk, mb, x)
+        while True:
+            with self._amp():
+                try:
+                    handle = next(steps)
+                except StopIteration as stop:
+                    return stop.value
+            yield handle
+
+    def _amp(self) -> AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _forward_steps(self, chunk: int, mb: int, x: torch.Tensor | None) -> Steps:
         assert self._microbatches is not None
         spec = self.specs[self.layout.chunks[chunk].piece]
         m = self.model
         ids_BT, labels_BT = self._microbatches[mb]
         ids_BT, labels_BT = ids_BT.to(self.device), labels_BT.to(self.device)
-        rope = m.rope(ids_BT.shape[1], device=self.device, dtype=self.dtype)
-        inp: torch.Tensor | None = None
+        T = ids_BT.shape[1]
+        rope = m.rope(T, device=self.device, dtype=self.dtype)
+        tape = Tape()
         if spec.first:
             h_BTD = m.embed(ids_BT)
         else:
             assert x is not None
-            inp = x.requires_grad_(True)
-            h_BTD = inp
-        balance = h_BTD.new_zeros((), dtype=torch.float32)
+            h_BTD = x.requires_grad_(True)
+            tape.add_input(h_BTD)
+        c = ChunkCarry(h_BTD=h_BTD, balance=h_BTD.new_zeros((), dtype=torch.float32))
         for i in spec.layers:
-            h_BTD, b = m.layers[str(i)](h_BTD, rope)
-            balance = balance + b
-        if spec.last:
-            lm = cross_entropy(m.head(h_BTD), labels_BT)
-            total = lm
-            mtp = lm.new_zeros(())
-            if self.mtp_weight > 0 and m.mtp:
-                mtp_logits, mtp_balance = m.mtp_forward(h_BTD, ids_BT, rope)
-                balance = balance + mtp_balance
-                mtp = mtp_loss(mtp_logits, labels_BT)
-                if mtp_logits:
-                    total = total + self.mtp_weight * mtp
-            total = total + balance
-            self.stats += torch.stack([lm.detach(), mtp.detach(), balance.detach()]).double().cpu()
-            self._saved[(chunk, mb)] = (inp, [total])
-            return total
-        self.stats[2] += float(balance.detach())
-        h_BTD = h_BTD.to(self.dtype)  # the receive buffers of the next stage have the parameters' dtype
-        outs = [h_BTD] + ([balance] if balance.requires_grad else [])
-        self._saved[(chunk, mb)] = (inp, outs)
-        return h_BTD
+            c, b = yield from self._block_steps(tape, m.layers[str(i)], c, rope=rope)
+            c.balance = c.balance + b
+        if not spec.last:
+            self.stats[2] += float(c.balance.detach())
+            h_BTD = c.h_BTD.to(self.dtype)  # the receive buffers of the next stage have the parameters' dtype
+            tape.finish([h_BTD] + ([c.balance] if c.balance.requires_grad else []))
+            self._tapes[(chunk, mb)] = tape
+            return h_BTD
+        # last piece: head and CE, then the MTP depths (their blocks cut like the main ones)
+        c.lm = cross_entropy(m.head(c.h_BTD), labels_BT)
+        use_mtp = self.mtp_weight > 0 and bool(m.mtp)
+        if use_mtp:
+            c.mtp_balance = c.h_BTD.new_zeros((), dtype=torch.float32)
+            for k, module in m.mtp_depths(T):
+                x_BTD, rope_k = m.mtp_input(module, k, c.h_BTD, ids_BT, rope)
+                c.h_BTD = x_BTD
+                c, b = yield from self._block_steps(tape, module.block, c, rope=rope_k)
+                c.mtp_balance = c.mtp_balance + b
+                c.mtp_ce.append(cross_entropy(m.mtp_head(module, c.h_BTD), labels_BT[:, k:]))
+        balance = c.balance + c.mtp_balance if c.mtp_balance is not None else c.balance
+        assert c.lm is not None
+        loss = total_loss(lm=c.lm, mtp_ce=c.mtp_ce, balance=balance, mtp_weight=self.mtp_weight)
+        self.stats += torch.stack([loss.lm, loss.mtp, loss.balance]).double().cpu()
+        tape.finish([loss.total])
+        self._tapes[(chunk, mb)] = tape
+        return loss.total
+
+    def _block_steps(
+        self, tape: Tape, block: TransformerBlock, c: ChunkCarry, *, rope: RopeCache
+    ) -> Generator[Waitable, None, tuple[ChunkCarry, torch.Tensor]]:
+        """One block on c.h_BTD -> (carry with the block's output, its balance loss).
+
+        A MoE block runs its four steps (`MoE.route`, dispatch, `experts_forward`, combine);
+        with cuts, the stage issues the two all-to-alls itself and the graph is cut at both.
+        """
+        moe = block.mlp
+        if not (block.is_moe and isinstance(moe, MoE)):
+            h_BTD, b = block(c.h_BTD, rope)
+            return replace(c, h_BTD=h_BTD), b
+        h_BTD = block.attention_step(c.h_BTD, rope)
+        f_BTD = block.ffn_input(h_BTD)
+        routing = moe.route(f_BTD)
+        c = replace(c, h_BTD=h_BTD)
+        disp = moe.dispatcher
+        if not (self.overlap and isinstance(disp, AllToAllDispatcher)):
+            d = moe.dispatch(f_BTD, routing)
+            y_MD = moe.experts_forward(d)
+            out_BTD = moe.combine(y_MD, d, routing, f_BTD)
+            return replace(c, h_BTD=c.h_BTD + out_BTD), routing.balance_loss
+        # cut: attention + router | dispatch a2a | experts + shared experts | combine a2a | sum
+        x_ND = moe.dispatch_input(f_BTD)
+        mc = MoECarry(f_BTD=f_BTD, weight_NK=routing.topk_weight_NK, balance=routing.balance_loss)
+        dh = disp.dispatch_start(x_ND.detach(), routing.topk_idx_NK)
+        c, mc = tape.cut(c, mc, sent=x_ND)
+        yield dh.pending
+        d = dh.wait()
+        d = replace(d, x_MD=tape.receive(d.x_MD, reverse=_reverse(disp, "dispatch_backward_start", d)))
+        y_MD = moe.experts_forward(d)
+        # the shared experts run here, so this segment's compute (which hides the other chunk's
+        # all-to-all) is not only the routed experts' small grouped GEMMs
+        assert mc.f_BTD is not None
+        mc = replace(mc, f_BTD=None, shared_BTD=moe.shared_forward(mc.f_BTD))
+        ch = disp.combine_start(y_MD.detach(), d)
+        c, mc = tape.cut(c, mc, sent=y_MD)
+        yield ch.pending
+        y_NKD = tape.receive(ch.wait(), reverse=_reverse(disp, "combine_backward_start", d))
+        routing = replace(routing, topk_weight_NK=mc.weight_NK)
+        out_BTD = moe.combine_output(y_NKD, routing, mc.shared_BTD, shape_BTD=c.h_BTD.shape)
+        return replace(c, h_BTD=c.h_BTD + out_BTD), mc.balance
+
+    def forward_backward_overlapped(
+        self, f: ForwardArgs, b: BackwardArgs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward of (f.chunk, f.mb) and full backward of (b.chunk, b.mb), interleaved at the a2as
+        (with overlap off: the forward, then the backward)."""
+        if not self.overlap:
+            return super().forward_backward_overlapped(f, b)
+        grad_x, y = interleave(
+            self.backward_steps(b.chunk, b.mb, b.grad_y, weights=True), self.forward_steps(f.chunk, f.mb, f.x)
+        )
+        return y, grad_x
 
     # ------------------------------------------------------------------ backward
     def _output_grads(self, chunk: int, outs: list[torch.Tensor], grad_y: torch.Tensor) -> list[torch.Tensor]:
@@ -289,28 +405,36 @@ class DeepseekStage(StageBase):
         if self._done[chunk] == path_mbs and self.on_chunk_grads_final is not None:
             self.on_chunk_grads_final(params)
 
+    def backward_steps(self, chunk: int, mb: int, grad_y: torch.Tensor, *, weights: bool) -> Steps:
+        """Backward of the chunk along its tape, yielding each reverse all-to-all; returns grad_x.
+
+        weights=True: input and parameter gradients (BW); False: the input gradient only (B),
+        what W needs kept.
+        """
+        tape = self._tapes.pop((chunk, mb))
+        params = self.chunk_parameters(chunk) if weights else []
+        grads = self._output_grads(chunk, tape.segments[-1].outs, grad_y)
+        got = yield from tape.backward(grads, params, weights=weights)
+        if weights:
+            self._accumulate(chunk, params, got.params)
+        else:
+            self._w_pending[(chunk, mb)] = got.weight_work
+        if self.specs[self.layout.chunks[chunk].piece].first:
+            return None
+        x = tape.segments[0].leaves[0]
+        return got.inputs[0] if got.inputs[0] is not None else torch.zeros_like(x)
+
     def backward_full(self, chunk: int, mb: int, grad_y: torch.Tensor) -> torch.Tensor | None:
-        inp, outs = self._saved.pop((chunk, mb))
-        grads = self._output_grads(chunk, outs, grad_y)
-        params = self.chunk_parameters(chunk)
-        wants_x = inp is not None
-        targets = ([inp] if wants_x else []) + params
-        got = torch.autograd.grad(outs, targets, grads, allow_unused=True)
-        self._accumulate(chunk, params, got[1:] if wants_x else got)
-        return got[0] if wants_x else None
+        return drive(self.backward_steps(chunk, mb, grad_y, weights=True))
 
     def backward_input(self, chunk: int, mb: int, grad_y: torch.Tensor) -> torch.Tensor | None:
-        inp, outs = self._saved[(chunk, mb)]
-        grads = self._output_grads(chunk, outs, grad_y)
-        self._grads[(chunk, mb)] = grads
-        if inp is None:
-            return None
-        (grad_x,) = torch.autograd.grad(outs, [inp], grads, retain_graph=True)
-        return grad_x
+        return drive(self.backward_steps(chunk, mb, grad_y, weights=False))
 
     def backward_weight(self, chunk: int, mb: int) -> None:
-        _, outs = self._saved.pop((chunk, mb))
-        grads = self._grads.pop((chunk, mb))
         params = self.chunk_parameters(chunk)
-        got = torch.autograd.grad(outs, params, grads, allow_unused=True)
-        self._accumulate(chunk, params, got)
+        self._accumulate(chunk, params, weight_grads(self._w_pending.pop((chunk, mb)), params))
+
+
+def _reverse(disp: AllToAllDispatcher, method: str, result: DispatchResult) -> Reverse:
+    """The reverse exchange of `result`, looked up on the dispatcher when the backward issues it."""
+    return lambda grad: getattr(disp, method)(grad, result)

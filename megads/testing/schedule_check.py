@@ -29,7 +29,6 @@ from megads.model.config import ModelConfig
 from megads.parallel.config import pieces_per_rank
 from megads.parallel.executor import OptimSettings, ParallelExecutor
 from megads.parallel.mesh import ParallelMesh, plan_layout
-from megads.parallel.overlap_stage import OverlapParallelExecutor
 from megads.testing.parallel import clip_grad_norm_fp64, reference_model_and_optimizer
 
 
@@ -129,8 +128,8 @@ def schedule_worker(
             pieces_per_rank=pieces_per_rank(case.schedule),
         )
         mesh = ParallelMesh.build(plan)
-        cls = OverlapParallelExecutor if case.overlap else ParallelExecutor
-        ex = cls(cfg, mesh=mesh, plan=plan, schedule=case.schedule, micro_batch_size=1, seed=seed, optim=optim)
+        ex = ParallelExecutor(cfg, mesh=mesh, plan=plan, schedule=case.schedule, micro_batch_size=1, seed=seed,
+                              optim=optim, overlap_fb=case.overlap)
         grads: list[dict[str, torch.Tensor]] = []
         step_fn = ex.optimizer.step
 
@@ -201,17 +200,33 @@ def compare_case(ref: dict[str, Any], *, outdir: str | Path, tag: str, world: in
     return problems, worst
 
 
+def make_stage(
+    model: Any,
+    *,
+    layout: Any,
+    specs: Sequence[Any],
+    overlap: bool,
+    autocast_dtype: torch.dtype | None = None,
+    mtp_weight: float = 0.3,
+    grad_scale: float = 1.0,
+) -> Any:
+    """The one-rank stage of `model` (pp rank 0), with or without the overlapped F&B."""
+    from megads.parallel.stages import DeepseekStage
+
+    return DeepseekStage(model, layout=layout, rank=0, specs=specs, mtp_weight=mtp_weight, grad_scale=grad_scale,
+                         autocast_dtype=autocast_dtype, overlap=overlap)
+
+
 def overlap_order_worker(rank: int, world: int, cfg: ModelConfig, outpath: str) -> None:
-    """One rank, ep group of one: `DeepseekStage` (F, F, BW, BW) against `DeepseekOverlapStage`
+    """One rank, ep group of one: `DeepseekStage` (F, F, BW, BW) against `DeepseekStage(overlap=True)`
     (F, F&B, BW) on the same micro-batches, and the issue order of the all-to-alls inside F&B.
 
     Writes {"y_plain", "y_overlap", "grads_plain", "grads_overlap", "events"} to `outpath`; events are
-    "fwd" (dispatcher.dispatch_start / combine_start) or "bwd" (a reverse all-to-all of the backward).
+    "fwd" (dispatcher.dispatch_start / combine_start) or "bwd" (dispatcher.dispatch_backward_start /
+    combine_backward_start, the reverse all-to-alls of the backward).
     """
-    import megads.parallel.overlap_stage as ov
     from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules
-    from megads.parallel.overlap_stage import DeepseekOverlapStage
-    from megads.parallel.stages import DeepseekStage, build_stage_model, piece_specs
+    from megads.parallel.stages import build_stage_model, piece_specs
     from pipeline.schedules import build_schedule
     from pipeline.stage import BackwardArgs, ForwardArgs
 
@@ -230,8 +245,7 @@ def overlap_order_worker(rank: int, world: int, cfg: ModelConfig, outpath: str) 
         model.train()
         for moe in moe_modules(model):
             moe.dispatcher = AllToAllDispatcher(cfg.n_routed_experts, group=None, ep_size=1, ep_rank=0)
-        cls = DeepseekStage if kind == "plain" else DeepseekOverlapStage
-        stage = cls(model, layout=sched.layout, rank=0, specs=specs, mtp_weight=0.3, grad_scale=1.0)
+        stage = make_stage(model, layout=sched.layout, specs=specs, overlap=kind == "overlap")
         stage.begin_step(microbatches=mbs, num_microbatches=2)
         y0 = stage.forward(0, 0, None)
         if kind == "plain":
@@ -239,23 +253,19 @@ def overlap_order_worker(rank: int, world: int, cfg: ModelConfig, outpath: str) 
             stage.backward_full(0, 0, grad_y)
         else:
             for d in moe_modules(model):
-                for name in ("dispatch_start", "combine_start"):
+                for name, ev in (("dispatch_start", "fwd"), ("combine_start", "fwd"),
+                                 ("dispatch_backward_start", "bwd"), ("combine_backward_start", "bwd")):
                     orig = getattr(d.dispatcher, name)
 
-                    def logged(*a: Any, _o: Any = orig, **k: Any) -> Any:
-                        events.append("fwd")
+                    def logged(*a: Any, _o: Any = orig, _ev: str = ev, **k: Any) -> Any:
+                        events.append(_ev)
                         return _o(*a, **k)
 
                     setattr(d.dispatcher, name, logged)
-            rows = ov.all_to_all_rows
-
-            def logged_rows(*a: Any, _r: Any = rows, **k: Any) -> Any:
-                events.append("bwd")
-                return _r(*a, **k)
-
-            ov.all_to_all_rows = logged_rows  # type: ignore[assignment]
             y1, _ = stage.forward_backward_overlapped(ForwardArgs(0, 1, None), BackwardArgs(0, 0, grad_y))
-            ov.all_to_all_rows = rows  # type: ignore[assignment]
+            for d in moe_modules(model):  # back to the class's methods
+                for name in ("dispatch_start", "combine_start", "dispatch_backward_start", "combine_backward_start"):
+                    delattr(d.dispatcher, name)
         stage.backward_full(0, 1, grad_y)
         stage.end_step()
         out[f"y_{kind}"] = (y0.detach(), y1.detach())

@@ -123,17 +123,13 @@ def build_executor(
         lr=o.lr, betas=(float(o.betas[0]), float(o.betas[1])), eps=o.eps, weight_decay=o.weight_decay,
         max_grad_norm=o.clip_grad, bucket_numel=p.bucket_numel,
     )
-    executor_cls: type[ParallelExecutor] = ParallelExecutor
-    if p.overlap_fb and p.pp > 1 and p.schedule in ("dualpipe", "dualpipev"):
-        # the overlapped stage pays off where the schedule has F&B pairs
-        from megads.parallel.overlap_stage import OverlapParallelExecutor
-
-        executor_cls = OverlapParallelExecutor
-    return executor_cls(
+    # the overlapped stage pays off where the schedule has F&B pairs
+    overlap_fb = p.overlap_fb and p.pp > 1 and p.schedule in ("dualpipe", "dualpipev")
+    return ParallelExecutor(
         cfg.model, mesh=mesh, plan=plan, schedule=p.schedule if p.pp > 1 else "1f1b",
         micro_batch_size=p.micro_batch_size, seed=cfg.seed, optim=optim, zero1=p.zero1,
         moments_dtype=torch.bfloat16 if p.moments_dtype == "bfloat16" else torch.float32,
-        device=device, autocast_dtype=autocast_dtype,
+        device=device, autocast_dtype=autocast_dtype, overlap_fb=overlap_fb,
         param_groups_fn=lambda model: param_groups_for(model.named_parameters(), o),
     )
 
