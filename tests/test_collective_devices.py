@@ -35,7 +35,7 @@ without a GPU.
    targets and attributes of objects other than `self` are not followed; reaching definitions
    are approximated by "assigned earlier in the function (or anywhere in an enclosing one)".
 
-2. A dynamic check: real `ParallelExecutor`s (and the trainer's `OverlapParallelExecutor`) on 2
+2. A dynamic check: real `ParallelExecutor`s (and the trainer's overlapped one, `overlap_fb=True`) on 2
    gloo ranks, under a `HostTracker` (a TorchFunctionMode) and with torch.distributed's tensor
    collectives wrapped by a recorder. On a CPU-only machine every tensor's device is "cpu", so
    comparing devices alone cannot bite; the tracker therefore simulates an accelerator: the
@@ -749,7 +749,7 @@ DYN_LAYOUTS = (  # (pp, ep, schedule, executor)
     (1, 1, "1f1b", "ParallelExecutor"),  # plain data parallel, dp = 2
     (1, 2, "1f1b", "ParallelExecutor"),
     (2, 1, "1f1b", "ParallelExecutor"),
-    (2, 1, "dualpipev", "OverlapParallelExecutor"),  # what the trainer builds for pp > 1 DualPipeV
+    (2, 1, "dualpipev", "overlapped"),  # what the trainer builds for pp > 1 DualPipeV
 )
 
 
@@ -778,7 +778,7 @@ def _device_worker(rank: int, world: int, outdir: str) -> None:
                 )
                 mesh = ParallelMesh.build(plan)
                 ex = ParallelExecutor(cfg, mesh=mesh, plan=plan, schedule=schedule, micro_batch_size=2, seed=3,
-                                      optim=optim, device=device, overlap_fb=kind == "OverlapParallelExecutor")
+                                      optim=optim, device=device, overlap_fb=kind == "overlapped")
                 losses = []
                 for ids, labels in batches:
                     for t in (ids, labels):

@@ -3,7 +3,7 @@
 Tiny model (6 layers: dense + MoE, MTP on, balance loss on), ZeRO-1, clipping, weight decay.
 Layouts: pp2 x ep2 (dp 2) and pp4 x ep1 on 4 ranks, pp4 x ep2 (dp 2) on 8 ranks; each under
 1f1b, interleaved, zb1p, dualpipe, dualpipev, and dualpipe / dualpipev with the overlapped F&B
-stage (`DeepseekOverlapStage`). Each case runs two optimizer steps with different micro-batch
+stage (`DeepseekStage(overlap=True)`). Each case runs two optimizer steps with different micro-batch
 counts, the first the schedule's minimum; losses, full gradients (before ZeRO-1) and the updated
 parameters match a single-process run on the same micro-batches within 1e-6 relative. All cases
 of one world size share one spawned group (start-up dominates).
