@@ -1,4 +1,5 @@
-"""Pipeline-parallel schedules for megads: one action language, five generators, one runtime.
+"""Pipeline-parallel schedules for megads: one action language, a registry of
+generators (five built in), one runtime.
 
     from pipeline import build_schedule, PipelineRuntime, ModuleStage, validate
     sched = build_schedule("dualpipev", pp=4, num_microbatches=8)   # validated per-rank action lists
@@ -9,12 +10,21 @@ See docs/pipeline.md for the language, the schedules and their bubbles, the stag
 how a model plugs in.
 """
 
-from pipeline.actions import Action, ChunkInfo, Layout, Op, Schedule
+from pipeline.actions import Action, ChunkInfo, Costs, Layout, Op, Schedule
 from pipeline.module_stage import ModuleStage
 from pipeline.runtime import PipelineRuntime, StepResult
-from pipeline.schedules import SCHEDULES, analytic_bubble, build_schedule, min_microbatches
+from pipeline.schedules import (
+    SCHEDULES,
+    ScheduleSpec,
+    analytic_bubble,
+    build_schedule,
+    get_schedule,
+    min_microbatches,
+    register_schedule,
+    schedule_names,
+)
 from pipeline.stage import BackwardArgs, ForwardArgs, PipelineStage, StageBase, TensorMeta
-from pipeline.validate import Costs, ScheduleError, SimResult, simulate, validate
+from pipeline.validate import ScheduleError, SimResult, check_spec, simulate, validate
 
 __all__ = [
     "SCHEDULES",
@@ -30,13 +40,18 @@ __all__ = [
     "PipelineStage",
     "Schedule",
     "ScheduleError",
+    "ScheduleSpec",
     "SimResult",
     "StageBase",
     "StepResult",
     "TensorMeta",
     "analytic_bubble",
     "build_schedule",
+    "check_spec",
+    "get_schedule",
     "min_microbatches",
+    "register_schedule",
+    "schedule_names",
     "simulate",
     "validate",
 ]

@@ -84,11 +84,50 @@ class Action:
             return f"{self.op.value}{self.mb}c{self.chunk}@{self.peer}"
         return f"{self.op.value}{self.mb}c{self.chunk}"
 
+    @property
+    def parts(self) -> tuple[Action, ...]:
+        """The single-chunk computes this action runs, in order: (F, BW) for an F&B pair, else itself.
+
+        Every consumer (communication lowering, ideal timing, validator, runtime) reads F&B
+        through this: the F part needs its input activation, the BW part its output gradient.
+        """
+        if self.op is Op.FB:
+            return (Action(Op.F, self.chunk, self.mb), Action(Op.BW, self.chunk2, self.mb2))
+        return (self,)
+
     def short(self) -> str:
         """Compact label for timelines: op and micro-batch (chunk as a suffix letter)."""
         if self.op is Op.FB:
             return f"F{self.mb}B{self.mb2}"
         return f"{self.op.value}{self.mb}"
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Durations of compute actions, in any time unit: the one cost model of `pipeline`.
+
+    Used by `ideal_times` (where `add_communication` places messages), by
+    `pipeline.validate.simulate` (timelines, bubbles) and by the benchmarks. BW is B + W;
+    `FB` defaults to F + B + W (no overlap).
+    """
+
+    F: float = 1.0
+    B: float = 1.0
+    W: float = 1.0
+    FB: float | None = None
+
+    def of(self, op: Op) -> float:
+        if op is Op.F:
+            return self.F
+        if op is Op.B:
+            return self.B
+        if op is Op.W:
+            return self.W
+        if op is Op.BW:
+            return self.B + self.W
+        if op is Op.FB:
+            return self.FB if self.FB is not None else self.F + self.B + self.W
+        return 0.0
 
 
 def F(chunk: int, mb: int) -> Action:
@@ -215,12 +254,10 @@ def _needs_and_produces(layout: Layout, act: Action) -> tuple[list[Action], list
     """The RECV actions a compute action needs before it and the SENDs it enables after it."""
     recvs: list[Action] = []
     sends: list[Action] = []
-    parts: list[tuple[Op, int, int]] = []
-    if act.op is Op.FB:
-        parts = [(Op.F, act.chunk, act.mb), (Op.BW, act.chunk2, act.mb2)]
-    elif act.op is not Op.W:
-        parts = [(act.op, act.chunk, act.mb)]
-    for op, c, m in parts:
+    for part in act.parts:
+        op, c, m = part.op, part.chunk, part.mb
+        if op is Op.W:  # reads and sends nothing
+            continue
         info = layout.chunks[c]
         if op is Op.F:
             if info.prev is not None and layout.chunks[info.prev].rank != info.rank:
@@ -236,16 +273,15 @@ def _needs_and_produces(layout: Layout, act: Action) -> tuple[list[Action], list
 
 
 def ideal_times(
-    layout: Layout, *, compute: Sequence[Sequence[Action]], costs: dict[Op, float] | None = None
+    layout: Layout, *, compute: Sequence[Sequence[Action]], costs: Costs | None = None
 ) -> list[list[tuple[float, float]]]:
     """(start, end) of every compute action when only data dependencies and rank order count.
 
     Communication is free and instantaneous here; this is the time model used to place the
-    SEND/RECV actions, and the lower bound any real run approaches.
+    SEND/RECV actions, and the lower bound any real run approaches. Durations are `costs`
+    (the one cost model, shared with `pipeline.validate.simulate`; unit costs by default).
     """
-    cost = {Op.F: 1.0, Op.B: 1.0, Op.W: 1.0, Op.BW: 2.0, Op.FB: 3.0}
-    if costs:
-        cost.update(costs)
+    costs = costs or Costs()
     pp = layout.pp
     times: list[list[tuple[float, float]]] = [[] for _ in range(pp)]
     f_end: dict[tuple[int, int], float] = {}
@@ -269,21 +305,16 @@ def ideal_times(
         for r in range(pp):
             while pos[r] < len(compute[r]):
                 act = compute[r][pos[r]]
-                parts = [(Op.F, act.chunk, act.mb)]
-                if act.op is Op.FB:
-                    parts.append((Op.BW, act.chunk2, act.mb2))
-                elif act.op is not Op.F:
-                    parts = [(act.op, act.chunk, act.mb)]
-                deps = [ready(op, c, m) for op, c, m in parts]
+                deps = [ready(p.op, p.chunk, p.mb) for p in act.parts]
                 if any(d is None for d in deps):
                     break
                 start = max([clock[r]] + [d for d in deps if d is not None])
-                end = start + cost[act.op]
-                for op, c, m in parts:
-                    if op is Op.F:
-                        f_end[(c, m)] = end
-                    elif op in (Op.B, Op.BW):
-                        b_end[(c, m)] = end
+                end = start + costs.of(act.op)
+                for p in act.parts:
+                    if p.op is Op.F:
+                        f_end[(p.chunk, p.mb)] = end
+                    elif p.op in (Op.B, Op.BW):
+                        b_end[(p.chunk, p.mb)] = end
                 times[r].append((start, end))
                 clock[r] = end
                 pos[r] += 1
@@ -295,7 +326,7 @@ def ideal_times(
 
 
 def add_communication(
-    layout: Layout, *, compute: Sequence[Sequence[Action]], costs: dict[Op, float] | None = None
+    layout: Layout, *, compute: Sequence[Sequence[Action]], costs: Costs | None = None
 ) -> list[list[Action]]:
     """Lower compute-only lists into the full language by inserting SEND and RECV actions.
 

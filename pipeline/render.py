@@ -155,10 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m pipeline.render NAME --pp 4 --mb 10 [--png PATH]`: print (and draw) a schedule."""
     import argparse
 
-    from pipeline.schedules import SCHEDULES, build_schedule
+    from pipeline.schedules import build_schedule, schedule_names
 
     ap = argparse.ArgumentParser(description="Print a pipeline schedule as a per-rank timeline.")
-    ap.add_argument("name", choices=SCHEDULES)
+    ap.add_argument("name", choices=schedule_names())
     ap.add_argument("--pp", type=int, default=4)
     ap.add_argument("--mb", type=int, default=8)
     ap.add_argument("--fb", type=float, default=None, help="cost of an F&B pair (default F+B+W = 3 units)")

@@ -180,13 +180,13 @@ class PipelineRuntime:
 
     def _fetch(self, act: Action) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Inputs of a compute action (waits for their receives): (x of the F part, grad_y of the B part)."""
-        if act.op is Op.F:
-            return self._input_of(act.chunk, act.mb), None
-        if act.op in (Op.B, Op.BW):
-            return None, self._grad_of(act.chunk, act.mb)
-        if act.op is Op.FB:
-            return self._input_of(act.chunk, act.mb), self._grad_of(act.chunk2, act.mb2)
-        return None, None
+        x = g = None
+        for part in act.parts:  # in order: an F&B pair takes its F part's input first
+            if part.op is Op.F:
+                x = self._input_of(part.chunk, part.mb)
+            elif part.op in (Op.B, Op.BW):
+                g = self._grad_of(part.chunk, part.mb)
+        return x, g
 
     def _compute(self, act: Action, x: torch.Tensor | None, g: torch.Tensor | None) -> None:
         st = self.stage
@@ -204,11 +204,12 @@ class PipelineRuntime:
             self._live -= 1
         elif act.op is Op.FB:
             assert g is not None
+            f, b = act.parts
             y, gx = st.forward_backward_overlapped(
-                ForwardArgs(act.chunk, act.mb, x), BackwardArgs(act.chunk2, act.mb2, g)
+                ForwardArgs(f.chunk, f.mb, x), BackwardArgs(b.chunk, b.mb, g)
             )
-            self._after_forward(act.chunk, act.mb, y)
-            self._after_backward(act.chunk2, act.mb2, gx)
+            self._after_forward(f.chunk, f.mb, y)
+            self._after_backward(b.chunk, b.mb, gx)
             self._live -= 1
         else:  # pragma: no cover - comm ops never reach here
             raise AssertionError(act)

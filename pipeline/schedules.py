@@ -2,6 +2,11 @@
 
 Each generator writes the *compute order* of every rank for (pp, num_microbatches) on its layout,
 then `add_communication` lowers it into the full action language (see `pipeline.actions`).
+
+Every schedule is registered once, at the bottom of this file, as a `ScheduleSpec` (generator,
+micro-batch rule, pp rule, pieces per rank, F&B pairs, analytic bubble, one-line description);
+the configs, the trainer, the validator (`check_spec`), the benchmarks and the printer read the
+registry (`get_schedule`, `schedule_names`), so a new schedule is one `register_schedule` call.
 Analytic bubbles (F forward chunk, B full backward, W weight backward, F&B an overlapped pair;
 the table of SPEC.md / the DualPipe README, "PP" = number of pipeline stages):
 
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from pipeline.actions import (
     BW,
@@ -37,9 +44,6 @@ from pipeline.actions import (
     add_communication,
     make_layout,
 )
-
-SCHEDULES = ("1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev")
-
 
 # ----------------------------------------------------------------------------------------------
 # layouts
@@ -311,24 +315,81 @@ def dualpipe(pp: int, *, num_microbatches: int) -> Schedule:
     return _finish("dualpipe", layout=layout, num_microbatches=num_microbatches, compute=compute)
 
 
-_GENERATORS: dict[str, Callable[..., Schedule]] = {
-    "1f1b": one_f_one_b,
-    "interleaved": interleaved,
-    "zb1p": zb1p,
-    "dualpipe": dualpipe,
-    "dualpipev": dualpipev,
-}
+# ----------------------------------------------------------------------------------------------
+# the registry: every schedule once, with everything the rest of megads asks about it
+
+_REGISTRY: dict[str, ScheduleSpec] = {}
 
 
-def min_microbatches(name: str, *, pp: int, virtual: int = 2) -> int:
+def _one(pp: int) -> int:
+    return 1
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """One schedule, as every consumer sees it (configs, trainer, validator, benchmarks, docs).
+
+    `name` runs on pp ranks with M micro-batches iff pp >= min_pp, pp % pp_multiple == 0,
+    M >= min_microbatches(pp) and M % microbatch_multiple(pp) == 0; `generator` must accept
+    exactly those (`pipeline.validate.check_spec` proves it on a grid). `pieces_per_rank` is the
+    number of distinct model pieces one rank holds (replicas count once: DualPipe holds 1).
+    `bubble(pp, F, B, W, FB)` is the analytic per-rank bubble (B the full backward). With
+    `has_fb_pairs` the schedule emits overlapped F&B actions, which a stage may interleave at
+    sub-module granularity (the trainer then picks the overlapping executor).
+    """
+
+    name: str
+    generator: Callable[..., Schedule]  # generator(pp, *, num_microbatches, **options) -> Schedule
+    min_microbatches: Callable[[int], int]  # pp -> the smallest M
+    bubble: Callable[[int, float, float, float, float], float]  # (pp, F, B, W, FB) -> bubble per rank
+    description: str  # one line, for --help texts and listings
+    microbatch_multiple: Callable[[int], int] = _one  # pp -> the step between accepted Ms
+    min_pp: int = 1
+    pp_multiple: int = 1
+    pieces_per_rank: int = 1
+    has_fb_pairs: bool = False
+
+
+def register_schedule(spec: ScheduleSpec, *, replace: bool = False) -> ScheduleSpec:
+    """Add `spec` to the registry (the one edit a new schedule needs); returns it.
+
+    A second spec under a taken name is refused unless `replace=True`.
+    """
+    if spec.name in _REGISTRY and not replace:
+        raise ValueError(f"schedule {spec.name!r} is already registered; pass replace=True to override it")
+    if spec.min_pp < 1 or spec.pp_multiple < 1 or spec.pieces_per_rank < 1:
+        raise ValueError(
+            f"schedule {spec.name!r}: min_pp={spec.min_pp}, pp_multiple={spec.pp_multiple} and "
+            f"pieces_per_rank={spec.pieces_per_rank} must be >= 1"
+        )
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister_schedule(name: str) -> None:
+    """Remove `name` from the registry (for tests that register a schedule of their own)."""
+    get_schedule(name)
+    del _REGISTRY[name]
+
+
+def schedule_names() -> tuple[str, ...]:
+    """Names of every registered schedule, in registration order (the five built-ins first)."""
+    return tuple(_REGISTRY)
+
+
+def get_schedule(name: str) -> ScheduleSpec:
+    """The spec of schedule `name`; ValueError naming the registered ones when there is none."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"parallel.schedule={name!r} is unknown; choose one of {', '.join(_REGISTRY)}"
+        ) from None
+
+
+def min_microbatches(name: str, *, pp: int) -> int:
     """The smallest micro-batch count `name` accepts for `pp` ranks."""
-    if name in ("1f1b", "zb1p"):
-        return 1
-    if name == "interleaved":
-        return pp
-    if name in ("dualpipe", "dualpipev"):
-        return 2 * pp
-    raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    return get_schedule(name).min_microbatches(pp)
 
 
 def microbatch_multiple(name: str, *, pp: int) -> int:
@@ -340,13 +401,7 @@ def microbatch_multiple(name: str, *, pp: int) -> int:
     DualPipe splits M into two equal halves, one per direction; interleaved runs rounds of pp;
     DualPipeV, 1F1B and ZB1P take any count from their minimum on.
     """
-    if name in ("1f1b", "zb1p", "dualpipev"):
-        return 1
-    if name == "interleaved":
-        return pp
-    if name == "dualpipe":
-        return 2
-    raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    return get_schedule(name).microbatch_multiple(pp)
 
 
 def validate_microbatches(name: str, *, pp: int, num_microbatches: int) -> None:
@@ -355,13 +410,16 @@ def validate_microbatches(name: str, *, pp: int, num_microbatches: int) -> None:
     The same acceptance as the generators (tests/test_train_schedule.py checks they agree), without
     building the schedule: cheap for pp = 16 and hundreds of micro-batches.
     """
-    if name not in _GENERATORS:
-        raise ValueError(f"parallel.schedule={name!r} is unknown; choose one of {', '.join(SCHEDULES)}")
-    two_ends = name not in ("1f1b", "zb1p")  # interleaved and the DualPipes need two ranks at least
-    if pp < 1 or (two_ends and pp < 2) or (name == "dualpipe" and pp % 2):
-        need = "an even pp >= 2" if name == "dualpipe" else "pp >= 2" if two_ends else "pp >= 1"
+    spec = get_schedule(name)
+    if pp < spec.min_pp or pp % spec.pp_multiple:
+        if spec.pp_multiple == 2:
+            need = f"an even pp >= {spec.min_pp}"
+        elif spec.pp_multiple > 1:
+            need = f"pp a multiple of {spec.pp_multiple}, >= {spec.min_pp}"
+        else:
+            need = f"pp >= {spec.min_pp}"
         raise ValueError(f"schedule {name!r}: pp={pp}; it needs {need}")
-    lo, step = min_microbatches(name, pp=pp), microbatch_multiple(name, pp=pp)
+    lo, step = spec.min_microbatches(pp), spec.microbatch_multiple(pp)
     m = num_microbatches
     if m < lo or m % step:
         fit = max(lo, -(-m // step) * step)
@@ -372,30 +430,52 @@ def validate_microbatches(name: str, *, pp: int, num_microbatches: int) -> None:
         )
 
 
-def build_schedule(name: str, *, pp: int, num_microbatches: int, virtual: int = 2) -> Schedule:
-    """Generate schedule `name` (one of SCHEDULES) for pp ranks and num_microbatches micro-batches."""
-    if name not in _GENERATORS:
-        raise ValueError(f"parallel.schedule={name!r} is unknown; choose one of {', '.join(SCHEDULES)}")
-    if name == "interleaved":
-        return interleaved(pp, num_microbatches=num_microbatches, virtual=virtual)
-    return _GENERATORS[name](pp, num_microbatches=num_microbatches)
+def build_schedule(name: str, *, pp: int, num_microbatches: int, **options: Any) -> Schedule:
+    """Generate registered schedule `name` for pp ranks and num_microbatches micro-batches.
+
+    `options` go to the generator as they are (e.g. `virtual=3` for interleaved).
+    """
+    return get_schedule(name).generator(pp, num_microbatches=num_microbatches, **options)
 
 
-def analytic_bubble(
-    name: str, *, pp: int, F: float, B: float, W: float, FB: float, virtual: int = 2
-) -> float:
+def analytic_bubble(name: str, *, pp: int, F: float, B: float, W: float, FB: float) -> float:
     """The bubble formula of SPEC.md for schedule `name` on pp ranks; B is the FULL backward time.
 
     For DualPipeV the table's PP is the number of stages, 2*pp; F, B, W, FB are per chunk.
     """
-    if name == "1f1b":
-        return (pp - 1) * (F + B)
-    if name == "interleaved":
-        return (pp - 1) * (F + B)
-    if name == "zb1p":
-        return (pp - 1) * (F + B - 2 * W)
-    if name == "dualpipe":
-        return (pp / 2 - 1) * (FB + B - 3 * W)
-    if name == "dualpipev":
-        return (pp - 1) * (FB + B - 3 * W)
-    raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    return get_schedule(name).bubble(pp, F, B, W, FB)
+
+
+# ----------------------------------------------------------------------------------------------
+# the built-ins (the module docstring's table)
+
+register_schedule(ScheduleSpec(
+    name="1f1b", generator=one_f_one_b, min_microbatches=_one,
+    bubble=lambda pp, F, B, W, FB: (pp - 1) * (F + B),
+    description="classic 1F1B: pp-1-r warm-up forwards, then one forward / one full backward",
+))
+register_schedule(ScheduleSpec(
+    name="interleaved", generator=interleaved, min_microbatches=lambda pp: pp,
+    microbatch_multiple=lambda pp: pp, min_pp=2, pieces_per_rank=2,
+    bubble=lambda pp, F, B, W, FB: (pp - 1) * (F + B),  # per chunk: a chunk is 1/v of a stage
+    description="interleaved 1F1B (Megatron virtual stages), 2 chunks per rank, M in rounds of pp",
+))
+register_schedule(ScheduleSpec(
+    name="zb1p", generator=zb1p, min_microbatches=_one,
+    bubble=lambda pp, F, B, W, FB: (pp - 1) * (F + B - 2 * W),
+    description="ZB-H1: 1F1B with the weight gradient split off to fill the drain",
+))
+register_schedule(ScheduleSpec(
+    name="dualpipe", generator=dualpipe, min_microbatches=lambda pp: 2 * pp,
+    microbatch_multiple=lambda pp: 2, min_pp=2, pp_multiple=2, has_fb_pairs=True,
+    bubble=lambda pp, F, B, W, FB: (pp / 2 - 1) * (FB + B - 3 * W),
+    description="DualPipe: two directions over replicated pieces, overlapped F&B pairs",
+))
+register_schedule(ScheduleSpec(
+    name="dualpipev", generator=dualpipev, min_microbatches=lambda pp: 2 * pp,
+    min_pp=2, pieces_per_rank=2, has_fb_pairs=True,
+    bubble=lambda pp, F, B, W, FB: (pp - 1) * (FB + B - 3 * W),  # the table's PP = 2 pp stages
+    description="DualPipeV: V-shaped 2 pp chunks on pp ranks, embedding and head on rank 0",
+))
+
+SCHEDULES = schedule_names()  # the built-ins; `schedule_names()` also lists schedules registered later

@@ -23,7 +23,8 @@ Checks, each raising `ScheduleError` (a ValueError) naming the rank and action:
 - every SEND after the compute that produces its tensor, to the rank of the neighbouring chunk;
 - every send matched by a receive with the same label, none left over; no rank blocked forever.
 
-`simulate` also returns a timeline under given action costs: per-action start/end, per-rank busy
+`simulate` also returns a timeline under given action costs (`Costs`, defined in `pipeline.actions`:
+the one cost model, also behind the ideal timing that places messages): per-action start/end, per-rank busy
 time, bubble (makespan minus busy) and the peak number of live micro-batch activations per rank
 (a (chunk, mb) is live from its F until its W or BW).
 """
@@ -34,34 +35,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pipeline.actions import Action, Layout, Op, Schedule
+from pipeline.actions import Action, Costs, Layout, Op, Schedule
 
 
 class ScheduleError(ValueError):
     """A schedule that is incomplete, inconsistent or deadlocks."""
-
-
-@dataclass(frozen=True)
-class Costs:
-    """Durations of compute actions, in any time unit. `FB` defaults to F + B + W (no overlap)."""
-
-    F: float = 1.0
-    B: float = 1.0
-    W: float = 1.0
-    FB: float | None = None
-
-    def of(self, op: Op) -> float:
-        if op is Op.F:
-            return self.F
-        if op is Op.B:
-            return self.B
-        if op is Op.W:
-            return self.W
-        if op is Op.BW:
-            return self.B + self.W
-        if op is Op.FB:
-            return self.FB if self.FB is not None else self.F + self.B + self.W
-        return 0.0
 
 
 @dataclass(frozen=True)
@@ -107,13 +85,11 @@ def _consumes(layout: Layout, act: Action | None, rank: int) -> list[tuple[str, 
     """Labels of the received tensors a compute action reads (inputs from other ranks)."""
     if act is None:
         return []
-    parts: list[tuple[Op, int, int]] = []
-    if act.op is Op.FB:
-        parts = [(Op.F, act.chunk, act.mb), (Op.BW, act.chunk2, act.mb2)]
-    elif act.op is not Op.W:
-        parts = [(act.op, act.chunk, act.mb)]
     out = []
-    for op, c, m in parts:
+    for part in act.parts:
+        op, c, m = part.op, part.chunk, part.mb
+        if op is Op.W:  # reads nothing from other ranks
+            continue
         info = layout.chunks[c]
         nb = info.prev if op is Op.F else info.next
         if nb is not None and layout.chunks[nb].rank != rank:
@@ -286,19 +262,13 @@ def simulate(schedule: Schedule, *, costs: Costs | None = None, strict: bool = T
                         got_grad.add((a.chunk, a.mb))
                 start = max(clock[r], ready_at)
                 if comp is not None:
-                    if comp.op is Op.F:
-                        do_f(r, comp, comp.chunk, comp.mb)
-                    elif comp.op is Op.B:
-                        do_b(r, comp, comp.chunk, comp.mb)
-                    elif comp.op is Op.W:
-                        do_w(r, comp, comp.chunk, comp.mb)
-                    elif comp.op is Op.BW:
-                        do_b(r, comp, comp.chunk, comp.mb)
-                        do_w(r, comp, comp.chunk, comp.mb)
-                    elif comp.op is Op.FB:
-                        do_f(r, comp, comp.chunk, comp.mb)
-                        do_b(r, comp, comp.chunk2, comp.mb2)
-                        do_w(r, comp, comp.chunk2, comp.mb2)
+                    for part in comp.parts:
+                        if part.op is Op.F:
+                            do_f(r, comp, part.chunk, part.mb)
+                        if part.op in (Op.B, Op.BW):
+                            do_b(r, comp, part.chunk, part.mb)
+                        if part.op in (Op.W, Op.BW):
+                            do_w(r, comp, part.chunk, part.mb)
                     dur = costs.of(comp.op)
                     timeline.append(TimedAction(r, comp, start, start + dur))
                     busy[r] += dur
@@ -347,3 +317,56 @@ def simulate(schedule: Schedule, *, costs: Costs | None = None, strict: bool = T
 def validate(schedule: Schedule) -> SimResult:
     """Prove `schedule` complete and deadlock-free (strict waiting model); raises ScheduleError."""
     return simulate(schedule, strict=True)
+
+
+def check_spec(name: str, *, pps: Sequence[int] = (1, 2, 3, 4), max_microbatches: int | None = None) -> int:
+    """Prove the registry entry of schedule `name` consistent with its generator; returns how many
+    schedules it validated.
+
+    For every pp in `pps` and every M from 1 to `max_microbatches` (default 3 pp + 2): the
+    generator builds a schedule iff `validate_microbatches` (the spec's rule, which the configs and
+    the batch ramp use) accepts (pp, M); every schedule it builds passes `validate` (complete,
+    deadlock-free), names itself `name`, has pp x pieces_per_rank model pieces, and contains
+    F&B actions only when the spec declares `has_fb_pairs`. Raises ScheduleError otherwise.
+    """
+    from pipeline.schedules import build_schedule, get_schedule, validate_microbatches
+
+    spec = get_schedule(name)
+    checked = 0
+    for pp in pps:
+        for m in range(1, (max_microbatches or 3 * pp + 2) + 1):
+            try:
+                validate_microbatches(name, pp=pp, num_microbatches=m)
+                accepted: str | None = None
+            except ValueError as e:
+                accepted = str(e)
+            try:
+                sched = build_schedule(name, pp=pp, num_microbatches=m)
+            except ValueError as e:
+                if accepted is None:
+                    raise ScheduleError(
+                        f"schedule {name!r}: the registry accepts pp={pp}, M={m} but the generator refuses: {e}"
+                    ) from e
+                continue
+            if accepted is not None:
+                raise ScheduleError(
+                    f"schedule {name!r}: the generator builds pp={pp}, M={m} but the registry refuses it "
+                    f"({accepted}); fix min_microbatches / microbatch_multiple / min_pp / pp_multiple"
+                )
+            if sched.name != name or sched.pp != pp or sched.num_microbatches != m:
+                raise ScheduleError(
+                    f"schedule {name!r}: the generator returned {sched.name!r} with pp={sched.pp}, "
+                    f"M={sched.num_microbatches} for pp={pp}, M={m}"
+                )
+            validate(sched)
+            if sched.layout.num_pieces != pp * spec.pieces_per_rank:
+                raise ScheduleError(
+                    f"schedule {name!r} (pp={pp}, M={m}): the layout has {sched.layout.num_pieces} pieces, "
+                    f"the registry says pieces_per_rank={spec.pieces_per_rank} (x pp = {pp * spec.pieces_per_rank})"
+                )
+            if not spec.has_fb_pairs and any(a.op is Op.FB for acts in sched.actions for a in acts):
+                raise ScheduleError(
+                    f"schedule {name!r} (pp={pp}, M={m}) emits F&B actions; register it with has_fb_pairs=True"
+                )
+            checked += 1
+    return checked

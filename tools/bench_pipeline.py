@@ -41,11 +41,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline.actions import Costs
 from pipeline.module_stage import ModuleStage
 from pipeline.overlap import CommWorker, interleave
 from pipeline.render import from_step_timelines, save_png
 from pipeline.runtime import PipelineRuntime
-from pipeline.schedules import SCHEDULES, analytic_bubble, build_schedule
+from pipeline.schedules import analytic_bubble, build_schedule, get_schedule, schedule_names
 from pipeline.stage import TensorMeta
 from pipeline.timed import OverlappingModuleStage, SleepChunk
 
@@ -115,11 +116,8 @@ def _run_ours(
         t0 = time.perf_counter()
         res = runtime.step(mbs)
         steps.append((t0, time.perf_counter(), res))
-    work_units = sum(
-        {"F": 1, "B": 1, "W": 1, "BW": 2, "FB": 2 if overlap else 3}[a.op.value]
-        for a in sched.actions[rank]
-        if a.op.is_compute
-    )
+    costs = Costs(FB=2.0 if overlap else 3.0)  # unit F, B, W; an overlapping stage runs F&B in 2
+    work_units = sum(costs.of(a.op) for a in sched.actions[rank] if a.op.is_compute)
     return {
         "start": [t0 for t0, _, _ in steps],
         "end": [t1 for _, t1, _ in steps],
@@ -189,8 +187,9 @@ def _bubble_worker(rank: int, pp: int, port: int, cfg: dict[str, Any], out: str)
     torch.set_num_threads(1)
     unit = cfg["unit_ms"] / 1000.0
     m_total = cfg["mb_factor"] * pp
-    runs: list[tuple[str, str, bool]] = [("ours", s, False) for s in SCHEDULES]
-    runs += [("ours", "dualpipe", True), ("ours", "dualpipev", True)]
+    runs: list[tuple[str, str, bool]] = [("ours", s, False) for s in schedule_names()]
+    runs += [("ours", s, True) for s in schedule_names() if get_schedule(s).has_fb_pairs]
+    # torch.distributed.pipelining's implementations of two of ours, to compare against
     runs += [("torch", "1f1b", False), ("torch", "dualpipev", False)]
     rows: dict[str, Any] = {}
     for impl, name, overlap in runs:
@@ -386,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             rows["_unit_ms"] = args.unit_ms
             table = _summarise(pp, {k: v for k, v in rows.items() if not k.startswith("_")}, cfg)
             report["bubble"] += table
-            for key in ("ours:dualpipev", "ours:dualpipe", "ours:1f1b", "ours:zb1p", "ours:interleaved"):
+            for key in (f"ours:{s}" for s in schedule_names()):
                 if pp == 4:
                     _write_timeline_png(pp, rows, key, Path(args.img_dir), args.mb_factor * pp)
             print(f"  pp={pp} took {time.perf_counter() - t_start:.1f}s", flush=True)

@@ -12,15 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-_SCHEDULES = ("1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev")
+from pipeline.schedules import get_schedule, schedule_names
+
 _BACKENDS = ("auto", "nccl", "gloo")
 _MOMENT_DTYPES = ("float32", "bfloat16")
 
 
 def pieces_per_rank(schedule: str) -> int:
-    """Model pieces one pipeline rank holds under `schedule`: 2 for DualPipeV's V and
-    interleaved 1F1B, else 1 (DualPipe's two chunks are replicas of the same pp pieces)."""
-    return 2 if schedule in ("dualpipev", "interleaved") else 1
+    """Model pieces one pipeline rank holds under `schedule`, from the schedule registry: 2 for
+    DualPipeV's V and interleaved 1F1B, else 1 (DualPipe's two chunks are replicas of the same pp
+    pieces). ValueError for a schedule that is not registered."""
+    return get_schedule(schedule).pieces_per_rank
 
 
 @dataclass
@@ -81,8 +83,8 @@ class ParallelConfig:
             )
         if self.micro_batch_size < 1:
             errors.append(f"parallel.micro_batch_size={self.micro_batch_size} must be >= 1")
-        if self.schedule not in _SCHEDULES:
-            errors.append(f"parallel.schedule={self.schedule!r} must be one of {list(_SCHEDULES)}")
+        if self.schedule not in schedule_names():
+            errors.append(f"parallel.schedule={self.schedule!r} must be one of {list(schedule_names())}")
         if self.backend not in _BACKENDS:
             errors.append(f"parallel.backend={self.backend!r} must be one of {list(_BACKENDS)}")
         if self.moments_dtype not in _MOMENT_DTYPES:

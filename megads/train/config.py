@@ -317,8 +317,8 @@ def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
             try:
                 if batch % gran.per_microbatch:
                     raise ValueError(f"not a multiple of micro_batch_size x dp = {gran.per_microbatch}")
-                validate_microbatches(p.schedule if p.pp > 1 else "1f1b", pp=p.pp,
-                                      num_microbatches=batch // gran.per_microbatch)
+                if p.pp > 1:  # without pipelining any micro-batch count runs
+                    validate_microbatches(p.schedule, pp=p.pp, num_microbatches=batch // gran.per_microbatch)
             except ValueError as e:
                 errors.append(f"the batch ramp reaches {batch} sequences, which the layout cannot run: {e}")
                 break

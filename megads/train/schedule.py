@@ -15,7 +15,7 @@ Global batch (sequences): batch_start + (batch_end - batch_start) * tokens / bat
 rounded down to the layout's `BatchGranularity`, batch_end after the ramp. The granularity is
 what every step of the configured pipeline schedule can run: a global batch is micro_batch_size x
 dp x M sequences, and M (micro-batches per data-parallel rank) must be a count the schedule
-accepts (`pipeline.schedules.validate_microbatches`): any M for 1F1B / ZB1P, M >= 2 pp for
+accepts (`pipeline.schedules.validate_microbatches`, the schedule registry's rule): any M for 1F1B / ZB1P, M >= 2 pp for
 DualPipeV, an even M >= 2 pp for DualPipe, a multiple of pp for interleaved. So every ramp value
 is a multiple of `multiple` sequences and at least `minimum`; the ramp runs from batch_start
 rounded up to a valid value to batch_end rounded down to one (`ramp_bounds`), and `ramp_note`

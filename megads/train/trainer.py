@@ -60,6 +60,7 @@ from megads.train.schedule import (
     plan_run,
     ramp_note,
 )
+from pipeline.schedules import get_schedule
 
 log = logging.getLogger("megads.train")
 
@@ -124,7 +125,7 @@ def build_executor(
         max_grad_norm=o.clip_grad, bucket_numel=p.bucket_numel,
     )
     # the overlapped stage pays off where the schedule has F&B pairs
-    overlap_fb = p.overlap_fb and p.pp > 1 and p.schedule in ("dualpipe", "dualpipev")
+    overlap_fb = p.overlap_fb and p.pp > 1 and get_schedule(p.schedule).has_fb_pairs
     return ParallelExecutor(
         cfg.model, mesh=mesh, plan=plan, schedule=p.schedule if p.pp > 1 else "1f1b",
         micro_batch_size=p.micro_batch_size, seed=cfg.seed, optim=optim, zero1=p.zero1,
