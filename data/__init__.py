@@ -10,6 +10,6 @@ Entry points:
 - ``data.preprocess.prepare``: tokenizer + token files for a config, cached and locked.
 """
 
-from data.config import DataConfig, DataSourceConfig
+from megads.data.config import DataConfig, DataSourceConfig
 
 __all__ = ["DataConfig", "DataSourceConfig"]

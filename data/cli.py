@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megads.data.config import DataConfig
 from omegaconf import OmegaConf
-
-from data.config import DataConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "data"
 

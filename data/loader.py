@@ -33,9 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from data.config import DataConfig
-from data.indexed import IndexedTokens
+from megads.data.config import DataConfig
+from megads.data.indexed import IndexedTokens
 
 STATE_VERSION = 1
 _M64 = (1 << 64) - 1
@@ -322,7 +321,7 @@ def build_train_loader(
 
     Safe to call from all ranks at once: one process builds the cache, the others wait for it.
     """
-    from data.preprocess import prepare
+    from megads.data.preprocess import prepare
 
     announce = print if dp_rank == 0 else (lambda _msg: None)
     prepared = prepare(cfg, progress=(dp_rank == 0) if progress is None else progress, announce=announce)

@@ -28,13 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from data import fim
-from data.cache import atomic_write_text, build_lock, fingerprint, publish_folder, resolve_cache_dir
-from data.config import DataConfig
-from data.indexed import IndexedTokens, IndexedWriter, token_dtype
-from data.sources import RawDoc, ResolvedSource, builtin_source, iter_documents, resolve_source
-from data.tokenizer import MegadsTokenizer, load_tokenizer
+from megads.data import fim
+from megads.data.cache import atomic_write_text, build_lock, fingerprint, publish_folder, resolve_cache_dir
+from megads.data.config import DataConfig
+from megads.data.indexed import IndexedTokens, IndexedWriter, token_dtype
+from megads.data.sources import RawDoc, ResolvedSource, builtin_source, iter_documents, resolve_source
+from megads.data.tokenizer import MegadsTokenizer, load_tokenizer
 
 DATASET_FORMAT_VERSION = 1
 CHUNK_CHARS = 1 << 19

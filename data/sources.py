@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.cache import fingerprint
-from data.config import DataSourceConfig
+from megads.data.cache import fingerprint
+from megads.data.config import DataSourceConfig
 
 SKIP_REASONS = ("empty_file", "empty_document", "invalid_utf8", "missing_text_field", "not_a_string")
 _JSON_EXT = (".jsonl", ".json", ".ndjson")

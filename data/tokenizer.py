@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from megads.data.cache import build_lock, file_sha256, fingerprint, publish_folder, resolve_cache_dir
+from megads.data.config import DataConfig
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-from data.cache import build_lock, file_sha256, fingerprint, publish_folder, resolve_cache_dir
-from data.config import DataConfig
 
 EOS = "<|end_of_sentence|>"
 FIM_BEGIN = "<|fim_begin|>"
@@ -267,7 +266,7 @@ def train_bpe_tokenizer(
 
 def ensure_builtin_tokenizer(cfg: DataConfig, *, announce=print) -> Path:
     """Folder of the built-in tokenizer for ``cfg.vocab_size``; trains it once (locked, cached)."""
-    from data.sources import builtin_corpus_description, iter_builtin_texts
+    from megads.data.sources import builtin_corpus_description, iter_builtin_texts
 
     desc = builtin_corpus_description()
     key = fingerprint({"v": TOKENIZER_FORMAT_VERSION, "corpus": desc, "vocab": cfg.vocab_size})

@@ -1,7 +1,7 @@
 """Pipeline-parallel schedules for megads: one action language, a registry of
 generators (five built in), one runtime.
 
-    from pipeline import build_schedule, PipelineRuntime, ModuleStage, validate
+    from megads.pipeline import build_schedule, PipelineRuntime, ModuleStage, validate
     sched = build_schedule("dualpipev", pp=4, num_microbatches=8)   # validated per-rank action lists
     runtime = PipelineRuntime(sched, stage=stage, rank=pp_rank, group=pp_group)
     result = runtime.step(microbatches)
@@ -10,10 +10,10 @@ See docs/pipeline.md for the language, the schedules and their bubbles, the stag
 how a model plugs in.
 """
 
-from pipeline.actions import Action, ChunkInfo, Costs, Layout, Op, Schedule
-from pipeline.module_stage import ModuleStage
-from pipeline.runtime import PipelineRuntime, StepResult
-from pipeline.schedules import (
+from megads.pipeline.actions import Action, ChunkInfo, Costs, Layout, Op, Schedule
+from megads.pipeline.module_stage import ModuleStage
+from megads.pipeline.runtime import PipelineRuntime, StepResult
+from megads.pipeline.schedules import (
     SCHEDULES,
     ScheduleSpec,
     analytic_bubble,
@@ -23,8 +23,8 @@ from pipeline.schedules import (
     register_schedule,
     schedule_names,
 )
-from pipeline.stage import BackwardArgs, ForwardArgs, PipelineStage, StageBase, TensorMeta
-from pipeline.validate import ScheduleError, SimResult, check_spec, simulate, validate
+from megads.pipeline.stage import BackwardArgs, ForwardArgs, PipelineStage, StageBase, TensorMeta
+from megads.pipeline.validate import ScheduleError, SimResult, check_spec, simulate, validate
 
 __all__ = [
     "SCHEDULES",

@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megads.pipeline.actions import Layout
+from megads.pipeline.stage import StageBase, TensorMeta
 from torch import nn
-
-from pipeline.actions import Layout
-from pipeline.stage import StageBase, TensorMeta
 
 
 def _default_input(microbatch: Any) -> torch.Tensor:

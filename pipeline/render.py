@@ -15,10 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch.distributed as dist
-
-from pipeline.actions import Action, Op, Schedule
-from pipeline.runtime import StepResult
-from pipeline.validate import Costs, TimedAction, simulate
+from megads.pipeline.actions import Action, Op, Schedule
+from megads.pipeline.runtime import StepResult
+from megads.pipeline.validate import Costs, TimedAction, simulate
 
 _COLOURS = {Op.F: "#4c72b0", Op.B: "#55a868", Op.BW: "#2d7a3e", Op.W: "#a0a0a0", Op.FB: "#8172b2"}
 
@@ -155,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m pipeline.render NAME --pp 4 --mb 10 [--png PATH]`: print (and draw) a schedule."""
     import argparse
 
-    from pipeline.schedules import build_schedule, schedule_names
+    from megads.pipeline.schedules import build_schedule, schedule_names
 
     ap = argparse.ArgumentParser(description="Print a pipeline schedule as a per-rank timeline.")
     ap.add_argument("name", choices=schedule_names())

@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from pipeline.actions import Action, Op, Schedule
-from pipeline.stage import BackwardArgs, ForwardArgs, PipelineStage
-from pipeline.validate import validate
+from megads.pipeline.actions import Action, Op, Schedule
+from megads.pipeline.stage import BackwardArgs, ForwardArgs, PipelineStage
+from megads.pipeline.validate import validate
 
 
 @dataclass

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.actions import (
+from megads.pipeline.actions import (
     BW,
     FB,
     Action,

@@ -18,10 +18,9 @@ import time
 from typing import Any
 
 import torch
+from megads.pipeline.module_stage import ModuleStage
+from megads.pipeline.stage import BackwardArgs, ForwardArgs
 from torch import nn
-
-from pipeline.module_stage import ModuleStage
-from pipeline.stage import BackwardArgs, ForwardArgs
 
 
 class SleepGrad(torch.autograd.Function):

@@ -35,7 +35,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pipeline.actions import Action, Costs, Layout, Op, Schedule
+from megads.pipeline.actions import Action, Costs, Layout, Op, Schedule
 
 
 class ScheduleError(ValueError):
@@ -329,7 +329,7 @@ def check_spec(name: str, *, pps: Sequence[int] = (1, 2, 3, 4), max_microbatches
     deadlock-free), names itself `name`, has pp x pieces_per_rank model pieces, and contains
     F&B actions only when the spec declares `has_fb_pairs`. Raises ScheduleError otherwise.
     """
-    from pipeline.schedules import build_schedule, get_schedule, validate_microbatches
+    from megads.pipeline.schedules import build_schedule, get_schedule, validate_microbatches
 
     spec = get_schedule(name)
     checked = 0

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from megads.data import fim
+from megads.data.config import DataSourceConfig
+from megads.data.indexed import IndexedTokens
+from megads.data.loader import SourceStream, TrainLoader
+from megads.data.preprocess import _split_safe, preprocess_source
+from megads.data.sources import resolve_source
+from megads.data.tokenizer import EOS, FIM_BEGIN, FIM_END, FIM_HOLE, load_tokenizer
 
-from data import fim
-from data.config import DataSourceConfig
-from data.indexed import IndexedTokens
-from data.loader import SourceStream, TrainLoader
-from data.preprocess import _split_safe, preprocess_source
-from data.sources import resolve_source
-from data.tokenizer import EOS, FIM_BEGIN, FIM_END, FIM_HOLE, load_tokenizer
 from megads.testing.data import synthetic_code, tiny_tokenizer, write_token_file
 
 MARKS = dict(eos=EOS, fb=FIM_BEGIN, fh=FIM_HOLE, fe=FIM_END)

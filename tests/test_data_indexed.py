@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from megads.data.indexed import IndexedTokens, IndexedWriter
 
-from data.indexed import IndexedTokens, IndexedWriter
 from megads.testing.data import write_token_file
 
 

@@ -13,11 +13,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
+from megads.data.config import DataConfig, DataSourceConfig
+from megads.data.indexed import IndexedTokens
+from megads.data.loader import SourceStream, TrainLoader, build_train_loader
+from megads.data.tokenizer import load_tokenizer
 
-from data.config import DataConfig, DataSourceConfig
-from data.indexed import IndexedTokens
-from data.loader import SourceStream, TrainLoader, build_train_loader
-from data.tokenizer import load_tokenizer
 from megads.testing.data import (
     prepare_in_process,
     resumed_batches,

@@ -9,14 +9,14 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from megads.data import preprocess
+from megads.data.config import DataConfig, DataSourceConfig
+from megads.data.indexed import IndexedTokens
+from megads.data.preprocess import preprocess_source
+from megads.data.sources import builtin_stdlib_files, iter_documents, resolve_source
+from megads.data.tokenizer import load_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from data import preprocess
-from data.config import DataConfig, DataSourceConfig
-from data.indexed import IndexedTokens
-from data.preprocess import preprocess_source
-from data.sources import builtin_stdlib_files, iter_documents, resolve_source
-from data.tokenizer import load_tokenizer
 from megads.testing.data import synthetic_code, tiny_tokenizer
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from megads.pipeline.schedules import min_microbatches
 
 from megads.parallel.executor import OptimSettings
 from megads.testing.parallel import spawn, tiny_config
@@ -33,7 +34,6 @@ from megads.testing.schedule_check import (
     reference_with_grads,
     schedule_worker,
 )
-from pipeline.schedules import min_microbatches
 
 RTOL = 1e-6
 MTP_WEIGHT = 0.3

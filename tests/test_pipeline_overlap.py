@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from pipeline.overlap import CommWorker, interleave
+from megads.pipeline.overlap import CommWorker, interleave
 
 
 class Trace:

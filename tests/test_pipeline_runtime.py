@@ -18,14 +18,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from megads.pipeline.module_stage import ModuleStage
+from megads.pipeline.render import save_step_png
+from megads.pipeline.runtime import PipelineRuntime
+from megads.pipeline.schedules import SCHEDULES, build_schedule, min_microbatches
+from megads.pipeline.stage import TensorMeta
+from megads.pipeline.timed import OverlappingModuleStage
 from torch import nn
-
-from pipeline.module_stage import ModuleStage
-from pipeline.render import save_step_png
-from pipeline.runtime import PipelineRuntime
-from pipeline.schedules import SCHEDULES, build_schedule, min_microbatches
-from pipeline.stage import TensorMeta
-from pipeline.timed import OverlappingModuleStage
 
 D = 8  # hidden width
 MB_SIZE = 3  # rows per micro-batch

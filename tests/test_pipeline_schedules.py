@@ -7,11 +7,10 @@ communication), the activation-memory column, and hand-made corruptions the vali
 from __future__ import annotations
 
 import pytest
-
-from pipeline.actions import Op, Schedule
-from pipeline.render import text_timeline
-from pipeline.schedules import SCHEDULES, analytic_bubble, build_schedule, min_microbatches
-from pipeline.validate import Costs, ScheduleError, simulate, validate
+from megads.pipeline.actions import Op, Schedule
+from megads.pipeline.render import text_timeline
+from megads.pipeline.schedules import SCHEDULES, analytic_bubble, build_schedule, min_microbatches
+from megads.pipeline.validate import Costs, ScheduleError, simulate, validate
 
 
 def _counts(name: str, pp: int) -> list[int]:

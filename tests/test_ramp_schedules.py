@@ -17,9 +17,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from megads.pipeline.schedules import validate_microbatches
 
 from megads.testing.launch import run_trainer
-from pipeline.schedules import validate_microbatches
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = [

@@ -20,14 +20,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
-
-from megads.parallel.config import ParallelConfig, pieces_per_rank
-from megads.train.schedule import batch_granularity
-from pipeline.actions import BW, Action, F, Op, Schedule, add_communication
-from pipeline.module_stage import ModuleStage
-from pipeline.runtime import PipelineRuntime
-from pipeline.schedules import (
+from megads.pipeline.actions import BW, Action, F, Op, Schedule, add_communication
+from megads.pipeline.module_stage import ModuleStage
+from megads.pipeline.runtime import PipelineRuntime
+from megads.pipeline.schedules import (
     SCHEDULES,
     ScheduleSpec,
     analytic_bubble,
@@ -39,8 +35,12 @@ from pipeline.schedules import (
     unregister_schedule,
     validate_microbatches,
 )
-from pipeline.stage import TensorMeta
-from pipeline.validate import Costs, ScheduleError, check_spec, simulate, validate
+from megads.pipeline.stage import TensorMeta
+from megads.pipeline.validate import Costs, ScheduleError, check_spec, simulate, validate
+from torch import nn
+
+from megads.parallel.config import ParallelConfig, pieces_per_rank
+from megads.train.schedule import batch_granularity
 
 D = 8  # hidden width
 MB_SIZE = 3  # rows per micro-batch

@@ -17,10 +17,11 @@ from megads.testing.parallel import spawn, tiny_config
 
 
 def _bytes_worker(rank: int, world: int, outpath: str) -> None:
+    from megads.pipeline.schedules import build_schedule
+
     from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules
     from megads.parallel.stages import build_stage_model, piece_specs
     from megads.testing.schedule_check import make_stage
-    from pipeline.schedules import build_schedule
 
     cfg = tiny_config()
     sched = build_schedule("1f1b", pp=1, num_microbatches=1)

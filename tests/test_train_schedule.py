@@ -10,6 +10,7 @@ import math
 
 import pytest
 from hydra import compose, initialize_config_dir
+from megads.pipeline.schedules import SCHEDULES, build_schedule, validate_microbatches
 
 from megads.train.cli import CONF_DIR
 from megads.train.config import ScheduleConfig, TrainConfig, register_configs, to_train_config
@@ -24,7 +25,6 @@ from megads.train.schedule import (
     ramp_bounds,
     ramp_note,
 )
-from pipeline.schedules import SCHEDULES, build_schedule, validate_microbatches
 
 T = 1e12
 B = 1e9

@@ -78,9 +78,9 @@ def run_megatron(jsonl: Path, tokenizer_dir: str, prefix: Path, workers: int, vo
 
 
 def run_ours(jsonl: Path, tok, prefix: Path, workers: int, fim_rate: float) -> tuple[float, int]:
-    from data.config import DataSourceConfig
-    from data.preprocess import preprocess_source
-    from data.sources import resolve_source
+    from megads.data.config import DataSourceConfig
+    from megads.data.preprocess import preprocess_source
+    from megads.data.sources import resolve_source
 
     t0 = time.perf_counter()
     s = preprocess_source(
@@ -91,8 +91,8 @@ def run_ours(jsonl: Path, tok, prefix: Path, workers: int, fim_rate: float) -> t
 
 
 def bench_preprocess(args, prepared) -> None:
-    from data.sources import builtin_source, iter_documents
-    from data.tokenizer import load_tokenizer
+    from megads.data.sources import builtin_source, iter_documents
+    from megads.data.tokenizer import load_tokenizer
 
     tok = prepared.tokenizer
     hf_tok = load_tokenizer(tok.path, fast=False)  # our pipeline without the tiktoken fast path
@@ -144,9 +144,8 @@ def bench_preprocess(args, prepared) -> None:
 
 def bench_loader(args, prepared) -> None:
     import torch
-
-    from data.indexed import IndexedTokens
-    from data.loader import SourceStream, TrainLoader
+    from megads.data.indexed import IndexedTokens
+    from megads.data.loader import SourceStream, TrainLoader
 
     torch.set_num_threads(1)
     data = IndexedTokens(prepared.prefixes[0])
@@ -191,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=os.environ.get("MEGADS_CACHE", ".cache/megads"))
     ap.add_argument("--skip-preprocess", action="store_true")
     args = ap.parse_args(argv)
-    from data.config import DataConfig
-    from data.preprocess import prepare
+    from megads.data.config import DataConfig
+    from megads.data.preprocess import prepare
 
     prepared = prepare(DataConfig(cache_dir=args.cache_dir), progress=False)
     print(f"date {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs")

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megads.pipeline.schedules import build_schedule
+from megads.pipeline.stage import BackwardArgs, ForwardArgs
 
 from megads.model.config import ModelConfig
 from megads.parallel.executor import ParallelExecutor
@@ -39,8 +41,6 @@ from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules, sha
 from megads.parallel.mesh import ParallelMesh, plan_layout
 from megads.parallel.stages import DeepseekStage, build_stage_model, piece_specs
 from megads.testing.parallel import spawn
-from pipeline.schedules import build_schedule
-from pipeline.stage import BackwardArgs, ForwardArgs
 
 
 def bench_config(*, hidden: int, layers: int) -> ModelConfig:

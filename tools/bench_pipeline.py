@@ -40,15 +40,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from pipeline.actions import Costs
-from pipeline.module_stage import ModuleStage
-from pipeline.overlap import CommWorker, interleave
-from pipeline.render import from_step_timelines, save_png
-from pipeline.runtime import PipelineRuntime
-from pipeline.schedules import analytic_bubble, build_schedule, get_schedule, schedule_names
-from pipeline.stage import TensorMeta
-from pipeline.timed import OverlappingModuleStage, SleepChunk
+from megads.pipeline.actions import Costs
+from megads.pipeline.module_stage import ModuleStage
+from megads.pipeline.overlap import CommWorker, interleave
+from megads.pipeline.render import from_step_timelines, save_png
+from megads.pipeline.runtime import PipelineRuntime
+from megads.pipeline.schedules import analytic_bubble, build_schedule, get_schedule, schedule_names
+from megads.pipeline.stage import TensorMeta
+from megads.pipeline.timed import OverlappingModuleStage, SleepChunk
 
 WIDTH = 4
 MB_ROWS = 2
@@ -256,7 +255,7 @@ def _summarise(pp: int, rows: dict[str, Any], cfg: dict[str, Any]) -> list[dict[
 
 
 def _write_timeline_png(pp: int, rows: dict[str, Any], key: str, img_dir: Path, m_total: int) -> Path | None:
-    from pipeline.actions import Action, Op
+    from megads.pipeline.actions import Action, Op
 
     per_rank = rows.get(key)
     if not per_rank or any("error" in r for r in per_rank):

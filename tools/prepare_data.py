@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 import time
 
-from data.cli import config_from_overrides
-from data.preprocess import prepare
+from megads.data.cli import config_from_overrides
+from megads.data.preprocess import prepare
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,10 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from data.config import DataConfig, DataSourceConfig
-from data.preprocess import preprocess_source
-from data.sources import resolve_source
-from data.tokenizer import load_tokenizer
+from megads.data.config import DataConfig, DataSourceConfig
+from megads.data.preprocess import preprocess_source
+from megads.data.sources import resolve_source
+from megads.data.tokenizer import load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,10 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from data.cache import publish_folder
-from data.config import DataSourceConfig
-from data.sources import builtin_source, iter_documents, resolve_source
-from data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from megads.data.cache import publish_folder
+from megads.data.config import DataSourceConfig
+from megads.data.sources import builtin_source, iter_documents, resolve_source
+from megads.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.schedules import get_schedule, schedule_names
+from megads.pipeline.schedules import get_schedule, schedule_names
 
 _BACKENDS = ("auto", "nccl", "gloo")
 _MOMENT_DTYPES = ("float32", "bfloat16")

@@ -35,9 +35,9 @@ from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules, sha
 from megads.parallel.mesh import LayoutPlan, ParallelMesh
 from megads.parallel.stages import DeepseekStage, build_stage_model, embedding_ranks, piece_specs, rank_pieces
 from megads.parallel.zero1 import Zero1AdamW
-from pipeline.actions import Layout
-from pipeline.runtime import PipelineRuntime
-from pipeline.schedules import build_schedule, min_microbatches
+from megads.pipeline.actions import Layout
+from megads.pipeline.runtime import PipelineRuntime
+from megads.pipeline.schedules import build_schedule, min_microbatches
 
 
 @dataclass
@@ -283,7 +283,7 @@ class ParallelExecutor:
         import os
         import tempfile
 
-        from pipeline.render import save_step_png
+        from megads.pipeline.render import save_step_png
 
         if self.last_step_result is None or not self.last_step_result.timeline:
             return None

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.overlap import Waitable, interleave
+from megads.pipeline.overlap import Waitable, interleave
 
 Steps = Generator[Waitable, None, Any]
 

@@ -54,9 +54,9 @@ from megads.model.moe import MoE
 from megads.model.transformer import DeepseekV3, cross_entropy, total_loss
 from megads.parallel.expert_parallel import AllToAllDispatcher
 from megads.parallel.overlap_stage import Reverse, Steps, Tape, drive, weight_grads
-from pipeline.actions import Layout
-from pipeline.overlap import Waitable, interleave
-from pipeline.stage import BackwardArgs, ForwardArgs, StageBase, TensorMeta
+from megads.pipeline.actions import Layout
+from megads.pipeline.overlap import Waitable, interleave
+from megads.pipeline.stage import BackwardArgs, ForwardArgs, StageBase, TensorMeta
 
 
 @dataclass(frozen=True)

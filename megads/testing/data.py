@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.indexed import IndexedWriter
-from data.tokenizer import train_bpe_tokenizer
+from megads.data.indexed import IndexedWriter
+from megads.data.tokenizer import train_bpe_tokenizer
 
 _WORDS = ("def", "return", "self", "import", "for", "in", "if", "else", "x", "y", "value", "None", "(", ")", ":")
 
@@ -45,8 +45,8 @@ def resumed_batches(
     """In a fresh process: rebuild the loader from a config, load ``state``, return ``n`` batches."""
     from omegaconf import OmegaConf
 
-    from data.config import DataConfig
-    from data.loader import build_train_loader
+    from megads.data.config import DataConfig
+    from megads.data.loader import build_train_loader
 
     cfg: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg_dict))  # type: ignore[assignment]
     loader = build_train_loader(
@@ -62,8 +62,8 @@ def prepare_in_process(cfg_dict: dict) -> tuple[list[str], list[bool]]:
     """In a fresh process: ``prepare`` the config; returns (prefixes, reused flags)."""
     from omegaconf import OmegaConf
 
-    from data.config import DataConfig
-    from data.preprocess import prepare
+    from megads.data.config import DataConfig
+    from megads.data.preprocess import prepare
 
     cfg: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg_dict))  # type: ignore[assignment]
     p = prepare(cfg, progress=False, announce=lambda _m: None)

@@ -227,8 +227,8 @@ def overlap_order_worker(rank: int, world: int, cfg: ModelConfig, outpath: str) 
     """
     from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules
     from megads.parallel.stages import build_stage_model, piece_specs
-    from pipeline.schedules import build_schedule
-    from pipeline.stage import BackwardArgs, ForwardArgs
+    from megads.pipeline.schedules import build_schedule
+    from megads.pipeline.stage import BackwardArgs, ForwardArgs
 
     sched = build_schedule("1f1b", pp=1, num_microbatches=2)
     specs = piece_specs([cfg.num_hidden_layers])

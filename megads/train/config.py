@@ -234,8 +234,8 @@ _DEVICES = ("auto", "cpu", "cuda")
 
 def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
     """Check every group and their relations before any process group starts."""
+    from megads.pipeline.schedules import validate_microbatches
     from megads.train.schedule import batch_granularity, plan_run, ramp_bounds
-    from pipeline.schedules import validate_microbatches
 
     errors: list[str] = []
     from megads.train.data_source import resolve_data_config

@@ -34,7 +34,7 @@ def resolve_data_config(raw: Any, *, check_paths: bool = False) -> Any:
         schema: type = FallbackDataConfig
     else:
         try:
-            from data.config import DataConfig
+            from megads.data.config import DataConfig
         except ImportError as e:
             raise ConfigError(
                 f"data: this source needs the data pipeline package (`data.config`), which failed to import "
@@ -85,6 +85,6 @@ def build_loader(data_cfg: Any, *, seq_len: int, micro_batch_size: int, dp_rank:
     kw = dict(seq_len=seq_len, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
     if isinstance(data_cfg, FallbackDataConfig):
         return build_fallback_loader(data_cfg, **kw)
-    from data.loader import build_train_loader
+    from megads.data.loader import build_train_loader
 
     return build_train_loader(data_cfg, **kw)

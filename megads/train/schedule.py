@@ -27,8 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megads.pipeline.schedules import microbatch_multiple, min_microbatches, validate_microbatches
 from megads.train.config import ScheduleConfig
-from pipeline.schedules import microbatch_multiple, min_microbatches, validate_microbatches
 
 
 def lr_at(*, step: int, tokens: float, peak: float, min_ratio: float, sched: ScheduleConfig) -> float:

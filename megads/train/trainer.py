@@ -37,6 +37,7 @@ import torch.distributed as dist
 from megads.model import count_parameters
 from megads.parallel.executor import OptimSettings, ParallelExecutor, StepMetrics
 from megads.parallel.mesh import DistEnv, ParallelMesh, init_distributed, read_dist_env
+from megads.pipeline.schedules import get_schedule
 from megads.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from megads.train.config import ConfigError, TrainConfig, validate_config
 from megads.train.data_source import build_loader, resolve_data_config
@@ -60,7 +61,6 @@ from megads.train.schedule import (
     plan_run,
     ramp_note,
 )
-from pipeline.schedules import get_schedule
 
 log = logging.getLogger("megads.train")
 
