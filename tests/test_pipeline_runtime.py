@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,8 @@ from megads.pipeline.schedules import SCHEDULES, build_schedule, min_microbatche
 from megads.pipeline.stage import TensorMeta
 from megads.pipeline.timed import OverlappingModuleStage
 from torch import nn
+
+from megads.testing.launch import free_port
 
 D = 8  # hidden width
 MB_SIZE = 3  # rows per micro-batch
@@ -153,16 +154,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.replace(tmp, Path(out_dir) / f"rank{rank}.json")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("pipeline_runtime")
-    mp.spawn(_worker, args=(4, _free_port(), str(out)), nprocs=4, join=True)
+    mp.spawn(_worker, args=(4, free_port(), str(out)), nprocs=4, join=True)
     assert (out / "dualpipev_step.png").stat().st_size > 1000  # the measured timeline of one step
     rows: list[dict[str, Any]] = []
     for r in range(4):

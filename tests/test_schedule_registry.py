@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from megads.pipeline.validate import Costs, ScheduleError, check_spec, simulate,
 from torch import nn
 
 from megads.parallel.config import ParallelConfig, pieces_per_rank
+from megads.testing.launch import free_port
 from megads.train.schedule import batch_granularity
 
 D = 8  # hidden width
@@ -196,14 +196,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.replace(tmp, Path(out_dir) / f"rank{rank}.json")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_toy_schedule_runs_on_gloo_ranks_like_one_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rows in zip(*per_rank):
         m_total = rows[0]["m"]

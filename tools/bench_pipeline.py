@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -49,14 +48,11 @@ from megads.pipeline.schedules import analytic_bubble, build_schedule, get_sched
 from megads.pipeline.stage import TensorMeta
 from megads.pipeline.timed import OverlappingModuleStage, SleepChunk
 
+from megads.testing.launch import free_port
+
 WIDTH = 4
 MB_ROWS = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -379,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"bubbles: pp={pp}, {args.mb_factor * pp} micro-batches, unit {args.unit_ms} ms", flush=True
             )
             out = tmpdir / f"bubble_pp{pp}.json"
-            mp.spawn(_bubble_worker, args=(pp, _free_port(), cfg, str(out)), nprocs=pp, join=True)
+            mp.spawn(_bubble_worker, args=(pp, free_port(), cfg, str(out)), nprocs=pp, join=True)
             rows = json.loads(out.read_text())
             rows["_unit_ms"] = args.unit_ms
             table = _summarise(pp, {k: v for k, v in rows.items() if not k.startswith("_")}, cfg)
@@ -391,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_bubbles(report["bubble"])
     if args.part in ("all", "overlap"):
         out = tmpdir / "overlap.json"
-        mp.spawn(_overlap_worker, args=(2, _free_port(), cfg, str(out)), nprocs=2, join=True)
+        mp.spawn(_overlap_worker, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
         res = json.loads(out.read_text())
         best_seq, best_ovl = min(res["sequential"]), min(res["overlapped"])
         c_s, a_s = args.compute_ms / 1000, args.a2a_ms / 1000

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import resource
-import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from megads.model.transformer import DeepseekV3
 from megads.parallel.config import pieces_per_rank
 from megads.parallel.executor import OptimSettings, ParallelExecutor, router_slots
 from megads.parallel.mesh import ParallelMesh, plan_layout
+from megads.testing.launch import free_port
 
 
 def tiny_config(**overrides: Any) -> ModelConfig:
@@ -135,12 +135,6 @@ def reference_run(
 
 # ------------------------------------------------------------------------------------------------
 # spawning
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
