@@ -47,9 +47,21 @@ def _needed_ranks(train_cfg: object) -> int:
     return max(1, p.pp * p.ep)
 
 
+def _config_args(hydra_cfg: object) -> list[str]:
+    """The `--config-name` / `--config-dir` of this launch, for the ranks started by `_spawn_ranks`."""
+    args: list[str] = []
+    name = hydra_cfg.job.config_name  # type: ignore[attr-defined]
+    if name and name != "config":
+        args += ["--config-name", str(name)]
+    for src in hydra_cfg.runtime.config_sources:  # type: ignore[attr-defined]
+        if src.provider == "command-line" and src.schema == "file":
+            args += ["--config-dir", str(src.path)]
+    return args
+
+
 def _quoted(value: str) -> str:
     """A Hydra override value quoted so that `,` `=` and spaces in it stay literal."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def _spawn_ranks(nproc: int, *, overrides: list[str], job_dir: str) -> None:
@@ -70,6 +82,7 @@ def _spawn_ranks(nproc: int, *, overrides: list[str], job_dir: str) -> None:
 
 def _run(cfg: object) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from megads.parallel.mesh import read_dist_env
@@ -84,9 +97,16 @@ def _run(cfg: object) -> None:
     try:
         train_cfg = to_train_config(cfg)
         need = _needed_ranks(train_cfg)
-        if read_dist_env().source == "single" and need > 1:
+        env = read_dist_env()
+        if hydra_cfg.mode == RunMode.MULTIRUN and env.world_size > 1:
+            # every job would re-create the process group inside the same torchrun workers
+            raise ConfigError(
+                "a Hydra sweep (-m) under torchrun/srun with several ranks is not supported: start the "
+                "sweep as one process (`megads-train -m ...`), which starts torchrun once per job"
+            )
+        if env.source == "single" and need > 1:
             validate_config(train_cfg, world_size=need)  # one clear message here, not one per rank
-            _spawn_ranks(need, overrides=list(hydra_cfg.overrides.task), job_dir=job_dir)
+            _spawn_ranks(need, overrides=[*_config_args(hydra_cfg), *hydra_cfg.overrides.task], job_dir=job_dir)
             return
         train(train_cfg, run_name=run_name, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
               job_dir=job_dir)

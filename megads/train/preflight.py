@@ -34,6 +34,8 @@ log = logging.getLogger("megads.train")
 
 # schedule.* fields that only set how long a run is: extending a run changes them on purpose
 _RUN_LENGTH_FIELDS = ("train_tokens", "train_steps")
+# data.* fields that change where the token cache lives or how fast it is read, not the tokens
+_DATA_NOT_FINGERPRINTED = ("cache_dir", "prefetch", "num_preprocess_workers")
 
 
 def resolve_run_dir(cfg: TrainConfig, *, job_dir: str | Path | None, run_name: str) -> Path:
@@ -80,9 +82,12 @@ def find_resume(cfg: TrainConfig, *, ckpt_dir: Path) -> Path | None:
 
 def run_fingerprint(cfg: TrainConfig, data_cfg: Any) -> str:
     """A hash of what a resumed run must not change: model, data source, seq_len, micro-batch."""
+    data = dataclasses.asdict(data_cfg) if dataclasses.is_dataclass(data_cfg) else {"repr": repr(data_cfg)}
+    for where_and_how_fast in _DATA_NOT_FINGERPRINTED:  # may change between launches (e.g. node-local cache)
+        data.pop(where_and_how_fast, None)
     what = {
         "model": dataclasses.asdict(cfg.model),
-        "data": dataclasses.asdict(data_cfg) if dataclasses.is_dataclass(data_cfg) else repr(data_cfg),
+        "data": data,
         "seq_len": cfg.seq_len, "micro_batch_size": cfg.parallel.micro_batch_size,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -145,7 +145,16 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     """The per-step records of <run_dir>/metrics.jsonl ([] when absent)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            # a run killed mid-write leaves a torn record: drop it (the resumed run rewrites the log)
+            log.warning(f"warning: {path}: line {i + 1} is not a JSON record (a torn write?); dropped")
+    return records
 
 
 def _history_entry(step: int, tokens: float, m: StepMetrics, *, lr: float, mtp_weight: float, gamma: float,
@@ -193,11 +202,11 @@ def train(
             # writes nothing into the folder.
             check_writable(run_dir, what="the run folder")
             lock.acquire()
-            check_writable(ckpt_dir, what="the checkpoint folder")
             resume_from = find_resume(cfg, ckpt_dir=ckpt_dir)
             if resume_from is not None:
                 changed_settings = check_resume(cfg, resume_from=resume_from, world_size=env.world_size,
                                                 fingerprint=fingerprint)
+            check_writable(ckpt_dir, what="the checkpoint folder")
 
         if device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
