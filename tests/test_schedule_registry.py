@@ -36,14 +36,14 @@ from megads.pipeline.schedules import (
 )
 from megads.pipeline.stage import TensorMeta
 from megads.pipeline.validate import Costs, ScheduleError, check_spec, simulate, validate
-from torch import nn
+
+# the pieces and micro-batches of the runtime tests (same widths), so the toy runs the same model
+from test_pipeline_runtime import MB_SIZE, D, _microbatches, _pieces  # noqa: E402
 
 from megads.parallel.config import ParallelConfig, pieces_per_rank
 from megads.testing.launch import free_port
 from megads.train.schedule import batch_granularity
 
-D = 8  # hidden width
-MB_SIZE = 3  # rows per micro-batch
 TOL = 1e-6
 
 
@@ -134,19 +134,6 @@ def test_unregistered_toy_is_gone() -> None:
 
 # ----------------------------------------------------------------------------------------------
 # the real runtime on 2 gloo ranks
-
-
-def _pieces(num_pieces: int) -> list[nn.Module]:
-    out = []
-    for p in range(num_pieces):
-        torch.manual_seed(1000 + p)
-        out.append(nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, D)))
-    return out
-
-
-def _microbatches(m_total: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(7)
-    return [(torch.randn(MB_SIZE, D, generator=g), torch.randn(MB_SIZE, D, generator=g)) for _ in range(m_total)]
 
 
 def _loss(out: torch.Tensor, mb: Any) -> torch.Tensor:
