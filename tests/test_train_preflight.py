@@ -189,7 +189,8 @@ LAYERS = {
     "megads.data": ("data", ()),
     "megads.model": ("megads/model", ()),
     "megads.parallel": ("megads/parallel", ("megads.model", "megads.pipeline")),
-    "megads.convert": ("megads/convert", ("megads.model", "megads.parallel")),
+    "megads.checkpoint": ("megads/checkpoint", ("megads.model", "megads.parallel")),
+    "megads.convert": ("megads/convert", ("megads.model", "megads.parallel", "megads.checkpoint")),
 }
 
 

@@ -100,6 +100,7 @@ class GroupedLinear(nn.Module):
     def __init__(self, num: int, in_features: int, out_features: int) -> None:
         super().__init__()
         self.num = num
+        self.first_index = 0  # global index of row 0 (an expert-parallel shard holds rows [first, first + num))
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(num, out_features, in_features))

@@ -26,11 +26,11 @@ from torch import nn
 
 from megads.model.block import RopeCache, TransformerBlock
 from megads.model.config import ModelConfig
-from megads.model.linear import GroupedLinear, LinearFactory
+from megads.model.init import init_parameters
+from megads.model.linear import LinearFactory
 from megads.model.mtp import MTPModule
 from megads.model.norm import RMSNorm
 from megads.model.rope import RotaryEmbedding
-from megads.model.router import Router
 
 IGNORE_INDEX = -100
 
@@ -58,12 +58,21 @@ def cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Te
     )
 
 
+def draw_init_seed(generator: torch.Generator | None = None) -> int:
+    """The seed of `megads.model.init` a model built now takes from torch's (or `generator`'s) RNG."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device="cpu"))
+
+
 class DeepseekV3(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, factory: LinearFactory | None = None) -> None:
+    """`init_seed` None: drawn from torch's global RNG (`torch.manual_seed(s); DeepseekV3(cfg)` is
+    reproducible); built on the meta device, nothing is initialised (see megads.model.init)."""
+
+    def __init__(self, cfg: ModelConfig, *, factory: LinearFactory | None = None, init_seed: int | None = None) -> None:
         super().__init__()
         cfg.validate()
         factory = factory or LinearFactory()
         self.cfg = cfg
+        self.init_seed = draw_init_seed() if init_seed is None else init_seed
         self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(cfg, layer_idx=i, factory=factory) for i in range(cfg.num_hidden_layers)}
@@ -77,21 +86,10 @@ class DeepseekV3(nn.Module):
         self.init_weights()
 
     # ------------------------------------------------------------------ init
-    @torch.no_grad()
     def init_weights(self, *, std: float | None = None) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for norms, zero biases/expert bias."""
-        std = self.cfg.initializer_range if std is None else std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, GroupedLinear)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, Router):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                module.e_score_correction_bias.zero_()
-                module.tokens_per_expert.zero_()
+        """Normal(0, initializer_range) for every matrix, ones for norms, zero biases/expert bias;
+        each tensor from its own generator (seed, name), so any pruned/sharded copy draws the same."""
+        init_parameters(self, seed=self.init_seed, std=self.cfg.initializer_range if std is None else std)
 
     # ------------------------------------------------------------- pieces
     def rope(self, seq_len: int, *, device: torch.device, dtype: torch.dtype) -> RopeCache:

@@ -3,8 +3,8 @@
 Parallelism is applied to the single-device model in one fixed order:
 
     1. plan_layout (numbers only)  2. ParallelMesh.build (groups)
-    3. build_stage_model (whole model under the seed, pruned to this rank's pieces)
-    4. shard_experts (ep)          5. DeepseekStage (overlap_fb chooses the segmented F&B) + PipelineRuntime
+    3. build_stage_model (this rank's pieces and expert shard only, built on the meta device)
+    4. shard_experts (ep: the all-to-all dispatchers)          5. DeepseekStage (overlap_fb chooses the segmented F&B) + PipelineRuntime
     6. Zero1AdamW (dp / edp / embed groups)
 
 A step on the global batch [G, T]: data-parallel rank d takes rows [d*G/dp, (d+1)*G/dp) and
@@ -126,10 +126,12 @@ class ParallelExecutor:
         autocast_dtype: torch.dtype | None = None,
         overlap_fb: bool = False,
         stage_cls: type[DeepseekStage] = DeepseekStage,
+        init: bool = True,
     ) -> None:
         """`overlap_fb`: the stage cuts its graph at the expert all-to-alls and its F&B actions
         overlap them with the other chunk's compute (`DeepseekStage(overlap=True)`); `stage_cls`
-        lets a tool run a subclass of the stage (the overlap benchmark's sequential peer)."""
+        lets a tool run a subclass of the stage (the overlap benchmark's sequential peer). `init`:
+        see `build_stage_model` (False: uninitialised parameters, for a load or a measurement)."""
         self.cfg = cfg
         self.overlap_fb = overlap_fb
         self.stage_cls = stage_cls
@@ -149,8 +151,9 @@ class ParallelExecutor:
             )
         specs_all = piece_specs(plan.stage_layers)
         self.specs = [specs_all[p] for p in rank_pieces(layout, rank=mesh.pp_rank)]
-        self.model = build_stage_model(cfg, specs=self.specs, seed=seed, dtype=dtype).to(self.device)
-        expert_names = set(
+        self.model = build_stage_model(cfg, specs=self.specs, seed=seed, dtype=dtype, device=self.device,
+                                       ep_size=mesh.ep, ep_rank=mesh.ep_rank, init=init)
+        self.expert_names = expert_names = set(
             shard_experts(self.model, group=mesh.ep_group, ep_size=mesh.ep, ep_rank=mesh.ep_rank,
                           ranks_per_node=plan.ranks_per_node)
         )
@@ -176,6 +179,7 @@ class ParallelExecutor:
             count_tied_in_norm=mesh.pp_rank == first_rank, norm_weight=1.0 / self.replicas,
             max_grad_norm=o.max_grad_norm,
             moments_dtype=moments_dtype, bucket_numel=o.bucket_numel, shard=zero1,
+            param_names={id(p): n for n, p in named.items()},  # global names: checkpoints reshard by them
         )
         self._runtimes: dict[int, tuple[PipelineRuntime, DeepseekStage]] = {}
         # Set by the trainer for one step: the runtime records per-action times (save_timeline_png).

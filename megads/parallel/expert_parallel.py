@@ -275,6 +275,35 @@ def moe_modules(model: nn.Module) -> list[MoE]:
 
 
 @torch.no_grad()
+def keep_expert_shard(model: nn.Module, *, ep_size: int, ep_rank: int) -> None:
+    """Cut every MoE's routed experts of `model` to rank ep_rank's E/ep_size (on the meta device too).
+
+    Rows [ep_rank*E/P, (ep_rank+1)*E/P) of every [E, ...] expert weight stay; `first_index`
+    records the global index of the first, for initialisation and checkpoints. A model already
+    cut this way is left as it is.
+    """
+    if ep_size == 1:
+        return
+    for moe in model.modules():
+        if not isinstance(moe, MoE):
+            continue
+        E = moe.n_routed_experts
+        if E % ep_size:
+            raise ValueError(f"n_routed_experts={E} is not divisible by ep={ep_size}")
+        L = E // ep_size
+        lo = ep_rank * L
+        experts = moe.experts
+        if experts.num_experts == L and experts.gate_up_proj.first_index == lo:
+            continue
+        experts.num_experts = L
+        for sub in ("gate_up_proj", "down_proj"):
+            lin = getattr(experts, sub)
+            w = lin.weight
+            lin.weight = nn.Parameter(w.data[lo : lo + L].clone(), requires_grad=w.requires_grad)
+            lin.num = L
+            lin.first_index = lo
+
+
 def shard_experts(
     model: nn.Module,
     *,
@@ -283,30 +312,21 @@ def shard_experts(
     ep_rank: int,
     ranks_per_node: int | None = None,
 ) -> list[str]:
-    """Keep this rank's E/ep experts in every MoE of `model` and install the all-to-all dispatcher.
+    """Keep this rank's E/ep experts in every MoE of `model` (`keep_expert_shard`, a no-op for a
+    model built cut) and install the all-to-all dispatcher.
 
     Returns the names of the expert parameters (which ZeRO-1 shards over the expert-data-parallel
     group). With ep_size == 1 the experts stay whole and the local dispatcher is kept.
     """
+    keep_expert_shard(model, ep_size=ep_size, ep_rank=ep_rank)
     names: list[str] = []
     for mod_name, moe in model.named_modules():
         if not isinstance(moe, MoE):
             continue
-        old = moe.experts
         if ep_size > 1:
-            E = old.num_experts
-            L = E // ep_size
-            lo = ep_rank * L
-            old.num_experts = L
-            for sub in ("gate_up_proj", "down_proj"):
-                lin = getattr(old, sub)
-                w = lin.weight
-                lin.weight = nn.Parameter(w.data[lo : lo + L].clone(), requires_grad=w.requires_grad)
-                lin.num = L
             moe.dispatcher = AllToAllDispatcher(
-                E, group=group, ep_size=ep_size, ep_rank=ep_rank, ranks_per_node=ranks_per_node
+                moe.n_routed_experts, group=group, ep_size=ep_size, ep_rank=ep_rank, ranks_per_node=ranks_per_node
             )
         prefix = f"{mod_name}.experts." if mod_name else "experts."
         names.extend(prefix + n for n, _ in moe.experts.named_parameters())
     return names
-

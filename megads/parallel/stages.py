@@ -7,9 +7,11 @@ keeps a copy of `embed_tokens`; ZeRO-1 keeps the two copies equal by summing the
 over the mesh's embed group (Megatron's tied-embedding rule). When both ends live on one rank
 (pp = 1, or DualPipeV's V placement) there is a single embedding and nothing to sync.
 
-`build_stage_model` builds the whole model under a seed (so every layout starts from the
-weights a single process would have) and deletes what the rank does not hold; `layers` stays a
-string-keyed ModuleDict so parameter names match the single-process model.
+`build_stage_model` builds the model on the meta device, deletes what the rank does not hold,
+cuts the routed experts to its expert shard and only then allocates and initialises what is
+left, every tensor from a generator seeded by (seed, name[, expert]) (megads.model.init), so
+every layout starts from the weights a single process would have; `layers` stays a string-keyed
+ModuleDict so parameter names match the single-process model.
 
 `DeepseekStage` implements `pipeline.stage.PipelineStage` for one rank, with one forward written
 once as a generator (`forward_steps`) that yields each in-flight all-to-all:
@@ -51,8 +53,10 @@ from megads.model.block import RopeCache, TransformerBlock
 from megads.model.config import ModelConfig
 from megads.model.dispatch import DispatchResult
 from megads.model.moe import MoE
-from megads.model.transformer import DeepseekV3, cross_entropy, total_loss
-from megads.parallel.expert_parallel import AllToAllDispatcher
+from megads.model.rope import RotaryEmbedding
+from megads.model.router import Router
+from megads.model.transformer import DeepseekV3, cross_entropy, draw_init_seed, total_loss
+from megads.parallel.expert_parallel import AllToAllDispatcher, keep_expert_shard
 from megads.parallel.overlap_stage import Reverse, Steps, Tape, drive, weight_grads
 from megads.pipeline.actions import Layout
 from megads.pipeline.overlap import Waitable, interleave
@@ -90,11 +94,27 @@ def embedding_ranks(layout: Layout) -> tuple[int, int]:
 
 
 def build_stage_model(
-    cfg: ModelConfig, *, specs: Sequence[PieceSpec], seed: int, dtype: torch.dtype = torch.float32
+    cfg: ModelConfig,
+    *,
+    specs: Sequence[PieceSpec],
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    ep_size: int = 1,
+    ep_rank: int = 0,
+    init: bool = True,
 ) -> DeepseekV3:
-    """The single-process model under `seed`, pruned to the pieces `specs` (this rank's)."""
-    torch.manual_seed(seed)
-    model = DeepseekV3(cfg)
+    """This rank's share of the model, built on the meta device and materialised on `device`.
+
+    Only the pieces `specs` (this rank's layers; embedding, head and MTP where they live) and
+    expert shard `ep_rank` of `ep_size` are ever allocated. `init` draws every tensor from its
+    own generator (`megads.model.init`), so the values equal those of the single-process
+    `torch.manual_seed(seed); DeepseekV3(cfg)` for the same names and experts; `init=False`
+    leaves the memory uninitialised (a checkpoint load or a memory measurement follows).
+    """
+    init_seed = draw_init_seed(torch.Generator().manual_seed(seed))  # what DeepseekV3 draws after manual_seed
+    with torch.device("meta"):
+        model = DeepseekV3(cfg, init_seed=init_seed)
     keep = {str(i) for s in specs for i in s.layers}
     for name in list(model.layers.keys()):
         if name not in keep:
@@ -108,7 +128,20 @@ def build_stage_model(
         model.norm = None
         model.lm_head = None
         model.mtp = None
-    return model.to(dtype)
+    keep_expert_shard(model, ep_size=ep_size, ep_rank=ep_rank)
+    model.to(dtype)
+    model.to_empty(device=device)
+    model.rotary = RotaryEmbedding(cfg).to(device)  # its inv_freq buffer is computed, not stored
+    if init:
+        model.init_weights()
+    else:
+        # buffers are state too: a checkpoint load fills the persistent ones, never the routers'
+        # token counts (non-persistent), which would otherwise start as garbage memory
+        for module in model.modules():
+            if isinstance(module, Router):
+                module.e_score_correction_bias.zero_()
+                module.tokens_per_expert.zero_()
+    return model
 
 
 @dataclass

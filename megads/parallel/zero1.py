@@ -63,6 +63,26 @@ _VEC = 16  # fp32 elements of one 64-byte cache line: the CPU fused AdamW kernel
 _HYPER = ("lr", "betas", "eps", "weight_decay")
 
 
+@dataclass(frozen=True)
+class LocalGroup:
+    """A group known only by its size and this rank's place in it: no communication.
+
+    For building one rank's optimizer state alone (`tools/rank_memory`): the layout, shards and
+    buffers are those of the real group; a step or a checkpoint load needs a real group.
+    """
+
+    size: int
+    rank: int
+
+
+def _size_rank(group: Any) -> tuple[int, int]:
+    if isinstance(group, LocalGroup):
+        return group.size, group.rank
+    if not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
 @dataclass
 class _Bucket:
     params: list[nn.Parameter]
@@ -181,7 +201,7 @@ class Zero1AdamW(torch.optim.Optimizer):
         self._marks: dict[int, int] = {}
         self._launched: set[tuple[int, int]] = set()
         self._reduced = False  # reduce_gradients() done for the coming step
-        self._rank = dist.get_rank() if dist.is_initialized() else 0
+        self._rank = dist.get_rank() if dist.is_initialized() and not isinstance(dp_group, LocalGroup) else 0
         self.loaded_hyperparameters: dict[str, dict[str, Any]] | None = None  # set by load_state_dict
         self._names = self._resolve_names(param_names or {})
         expert_ids = {id(p) for p in expert_params}
@@ -236,8 +256,7 @@ class Zero1AdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ layout
     def _make_space(self, kind: str, gi: int, plist: list[nn.Parameter]) -> _Space:
         group = self.edp_group if kind == "expert" else self.dp_group
-        size = dist.get_world_size(group) if dist.is_initialized() else 1
-        rank = dist.get_rank(group) if dist.is_initialized() else 0
+        size, rank = _size_rank(group)
         sp = _Space(kind=kind, group_index=gi, group=group, group_size=size, group_rank=rank, shard=self.shard)
         cur: list[nn.Parameter] = []
         cur_n = 0
@@ -285,11 +304,28 @@ class Zero1AdamW(torch.optim.Optimizer):
             for q, st in state.items():
                 inner.state[q] = {"step": torch.zeros((), dtype=torch.float32, device=device), **st}
             sp.fused = _Fused(inner=inner, body=body, tail=tail, n_body=n_body)
-        with torch.no_grad():
-            for b in sp.buckets:
-                flat = self._flatten(b, [p.detach() for p in b.params], torch.float32)
-                sp.master[b.shard_offset : b.shard_offset + sp.part(b.padded)] = self._own(sp, b, flat)
+        self._copy_params_to_master(sp)
         return sp
+
+    @torch.no_grad()
+    def _copy_params_to_master(self, sp: _Space) -> None:
+        assert sp.master is not None
+        for b in sp.buckets:
+            flat = self._flatten(b, [p.detach() for p in b.params], torch.float32)
+            sp.master[b.shard_offset : b.shard_offset + sp.part(b.padded)] = self._own(sp, b, flat)
+
+    def reset_from_params(self) -> None:
+        """Master weights from the parameters' current values, moments and step count zero: a
+        fresh optimizer for weights loaded after construction (`checkpoint.init_from`)."""
+        self.step_count = 0
+        for sp in self.spaces:
+            self._copy_params_to_master(sp)
+            assert sp.exp_avg is not None and sp.exp_avg_sq is not None
+            sp.exp_avg.zero_()
+            sp.exp_avg_sq.zero_()
+            if sp.fused is not None:
+                for st in sp.fused.inner.state.values():
+                    st["step"].zero_()
 
     @staticmethod
     def _flatten(
@@ -526,6 +562,35 @@ class Zero1AdamW(torch.optim.Optimizer):
             "hyperparameters": self.hyperparameters(), "params": params,
         }
 
+    def shard_views(self) -> dict[str, tuple[int, int, int, str, dict[str, torch.Tensor]]]:
+        """name -> (lo, hi, numel, kind, {"master", "exp_avg", "exp_avg_sq": views of this rank's
+        elements [lo, hi) of the flattened parameter}) for every parameter it owns elements of.
+
+        The views are the optimizer's own storage: a checkpoint writes from them and a load fills
+        them in place (then `restore` the step count); nothing depends on the bucket layout.
+        """
+        out: dict[str, tuple[int, int, int, str, dict[str, torch.Tensor]]] = {}
+        for name, own in self._owned.items():
+            if own.hi == own.lo:
+                continue
+            sp = own.space
+            sl = slice(own.flat, own.flat + own.hi - own.lo)
+            views = {key: getattr(sp, key)[sl] for key in ("master", "exp_avg", "exp_avg_sq")}
+            out[name] = (own.lo, own.hi, own.numel, sp.kind, views)
+        return out
+
+    def restore(self, *, step: int, hyperparameters: dict[str, dict[str, Any]]) -> None:
+        """After `shard_views()` were filled from a checkpoint: the step count, the saved
+        hyper-parameters (kept for `hyperparameter_changes`), and the parameters from the master
+        weights (an all-gather over each space's group)."""
+        self.step_count = step
+        for sp in self.spaces:
+            if sp.fused is not None:
+                for st in sp.fused.inner.state.values():
+                    st["step"].fill_(step)
+        self.loaded_hyperparameters = {g: dict(hp) for g, hp in hyperparameters.items()}
+        self._gather_params()
+
     def state_peer_ranks(self) -> list[int]:
         """Global ranks whose saved states `load_state_dict` may need: this rank first, then the
         other members of the groups its state is sharded over (dp, and edp for experts)."""
@@ -678,7 +743,9 @@ class Zero1AdamW(torch.optim.Optimizer):
         return self.spaces[0].master.device if self.spaces and self.spaces[0].master is not None else torch.device("cpu")
 
     @staticmethod
-    def _group_ranks(group: dist.ProcessGroup | None) -> list[int]:
+    def _group_ranks(group: Any) -> list[int]:
+        if isinstance(group, LocalGroup):
+            return [group.rank]
         if not dist.is_initialized():
             return [0]
         if group is None:

@@ -234,7 +234,8 @@ def clip_grad_norm_fp64(params: Iterable[torch.Tensor], max_norm: float) -> torc
 def compare_with_reference(
     ref: dict[str, Any], *, outdir: str | Path, tag: str, world: int, rtol: float
 ) -> list[str]:
-    """Every rank's losses, parameters (slice by slice) and biases against the reference."""
+    """Every rank's losses, parameters (slice by slice) and biases against the reference (the
+    parameters and biases only when `ref` has them)."""
     problems: list[str] = []
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -247,14 +248,70 @@ def compare_with_reference(
                 problems.append(f"{tag} rank {r} step {step}: loss {loss!r} vs reference {rloss!r}")
             if abs(norm - rnorm) > max(rtol * abs(rnorm), 1e-12):
                 problems.append(f"{tag} rank {r} step {step}: grad norm {norm!r} vs reference {rnorm!r}")
-        for name, (t, start) in res["params"].items():
+        for name, (t, start) in (res["params"] if "params" in ref else {}).items():
             full = ref["params"][name]
             want = full[start : start + t.shape[0]] if start or t.shape != full.shape else full
             if t.shape != want.shape:
                 problems.append(f"{tag} rank {r}: {name} shape {tuple(t.shape)} vs {tuple(want.shape)}")
             elif rel(t, want) > rtol:
                 problems.append(f"{tag} rank {r}: {name} differs, relative {rel(t, want):.2e}")
-        for slot, b in res["biases"].items():
+        for slot, b in (res["biases"] if "biases" in ref else {}).items():
             if not torch.equal(b, ref["biases"][slot]):
                 problems.append(f"{tag} rank {r}: bias of router slot {slot} differs: {b} vs {ref['biases'][slot]}")
     return problems
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints across layouts
+
+
+def checkpoint_worker(
+    rank: int,
+    world: int,
+    cfg: ModelConfig,
+    spec: LayoutSpec,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    micro_batch_size: int,
+    mtp_weight: float,
+    optim: OptimSettings,
+    seed: int,
+    outdir: str,
+    first_step: int,
+    load_from: str | None,
+    save_to: str | None,
+) -> None:
+    """Train `batches` (global steps first_step, first_step+1, ...) under `spec` on `world` ranks,
+    after loading the training state from `load_from` (a step folder of any layout) if given, and
+    save it into the checkpoint folder `save_to` at the end. Losses go to `outdir/<tag>.rank<r>.pt`."""
+    from megads.checkpoint.state import load_training_state, training_entries
+    from megads.checkpoint.writer import CheckpointWriter
+
+    plan = plan_layout(
+        world_size=world, pp=spec.pp, ep=spec.ep, num_layers=cfg.num_hidden_layers,
+        n_routed_experts=cfg.n_routed_experts, n_group=cfg.n_group, topk_group=cfg.topk_group,
+        pieces_per_rank=pieces_per_rank(spec.schedule),
+    )
+    mesh = ParallelMesh.build(plan)
+    ex = ParallelExecutor(
+        cfg, mesh=mesh, plan=plan, schedule=spec.schedule, micro_batch_size=micro_batch_size, seed=seed,
+        optim=optim, zero1=spec.zero1, init=load_from is None,
+    )
+    step = first_step
+    if load_from is not None:
+        state = load_training_state(load_from, ex)
+        assert state["step"] == first_step, (state["step"], first_step)
+    metrics = []
+    for ids, labels in batches:
+        m = ex.step(ids, labels, mtp_weight=mtp_weight)
+        metrics.append((m.loss, m.grad_norm, m.lm, m.mtp, m.balance, m.extras))
+        step += 1
+    if save_to is not None:
+        writer = CheckpointWriter(Path(save_to), keep_last=0)
+        writer.save(step, training_entries(ex, step=step, tokens=0.0, loader_state={"windows": step}),
+                    meta={"step": step, "tokens": 0.0, "world_size": world})
+        writer.wait()
+    result = {"rank": rank, "mesh": mesh.describe(), "metrics": metrics, "params": ex.global_named_parameters(),
+              "biases": ex.biases()}
+    path = Path(outdir) / f"{spec.tag}.rank{rank}.pt"
+    torch.save(result, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from megads.model.config import ModelConfig
@@ -112,7 +113,12 @@ class CheckpointConfig:
     every_steps: int = 0  # 0 = only at the end
     keep_last: int = 2  # completed checkpoints kept (older ones deleted); 0 = keep all
     at_end: bool = True
-    resume: str = "auto"  # auto = latest checkpoint in dir, if any | never | <path of a step_* dir>
+    resume: str = "auto"  # auto = newest intact checkpoint in dir, if any | never | <path of a step_* dir>
+    # Weights only (fresh optimizer, schedule and data) from a megads checkpoint folder of any
+    # layout, a `megads-convert from-hf` folder, or a Hugging Face folder; a resume wins over it.
+    init_from: str | None = None
+    async_save: bool = False  # copy the state to CPU memory and write it from a background thread
+    verify: str = "checksum"  # before a resume: checksum (sizes + SHA-256 of every file) | size
     # A resume refuses a checkpoint trained with other optim.* / schedule.* / precision values
     # (the run length excepted); true applies the new values from the resumed step on.
     allow_changed_settings: bool = False
@@ -295,6 +301,11 @@ def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
         errors.append(f"logging.wandb.mode={lg.wandb.mode!r} must be auto, online, offline or disabled")
     if ck.every_steps < 0 or ck.keep_last < 0:
         errors.append(f"checkpoint.every_steps={ck.every_steps} and keep_last={ck.keep_last} must be >= 0")
+    if ck.verify not in ("checksum", "size"):
+        errors.append(f"checkpoint.verify={ck.verify!r} must be checksum or size")
+    if ck.init_from is not None and not Path(ck.init_from).is_dir():
+        errors.append(f"checkpoint.init_from={ck.init_from!r} is not a folder (a megads checkpoint step folder, a "
+                      "megads-convert from-hf folder or a Hugging Face checkpoint folder)")
     if not errors:
         # the batch ramp against the layout: every global batch it reaches must be micro_batch_size x dp x M
         # with M a micro-batch count the pipeline schedule accepts (`batch_granularity`); the ramp is rounded

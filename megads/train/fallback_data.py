@@ -3,12 +3,21 @@
 Used when the data pipeline (`data/`) is unavailable (`data=fallback`). Every byte is a token
 (0..255) and 256 ends each file, so `vocab_size` is 257 and any model vocabulary >= 257 fits.
 The files are read in sorted order up to `max_bytes`, concatenated with EOS, and cut into
-windows of seq_len + 1 tokens (inputs = window[:-1], labels = window[1:]). Each epoch shuffles
-the windows with a seeded permutation; rank r takes every dp_size-th window, all ranks the
-same number, so ranks never overlap. The loader state is (epoch, cursor): a loader restored
-from `state_dict()` yields exactly the batches the original would have.
+W windows of seq_len + 1 tokens (window w = tokens [w*T, w*T + T + 1); inputs = window[:-1],
+labels = window[1:]).
 
-Shapes: W windows, T sequence length, B micro-batch size.
+Order (the same rule as `megads.data.loader`): the global stream is the concatenation of epochs;
+epoch e lists all W windows in the order of a permutation seeded by (seed, e), so global position
+p is window perm_{p // W}[p % W]. The stream is cut into micro-steps of dp_size*B positions; in
+micro-step s rank r takes positions s*dp_size*B + r*B + [0, B). Ranks are disjoint by
+construction; a micro-step may straddle an epoch end (nothing is dropped or repeated).
+
+The state is the number of global positions consumed after the last micro-batch handed out,
+counted identically on every rank; it does not depend on dp_rank, dp_size or micro_batch_size,
+so a loader restored from `state_dict()` after a full optimizer step, under any other layout,
+continues the global stream with no window skipped or repeated.
+
+Shapes: T sequence length, B micro-batch size.
 """
 
 from __future__ import annotations
@@ -68,6 +77,9 @@ def read_corpus(cfg: FallbackDataConfig) -> torch.Tensor:
     return out[: cfg.max_bytes]
 
 
+STATE_VERSION = 2  # 1 (no "version" key) was the per-rank (epoch, cursor) state of older megads
+
+
 class ByteLoader:
     """Iterator of {"input_ids": [B, T], "labels": [B, T]} int64 micro-batches for one rank."""
 
@@ -77,6 +89,10 @@ class ByteLoader:
     def __init__(
         self, cfg: FallbackDataConfig, *, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int
     ) -> None:
+        if seq_len < 1 or micro_batch_size < 1:
+            raise ValueError(f"seq_len={seq_len}, micro_batch_size={micro_batch_size}: both must be >= 1")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size})")
         self.cfg = cfg
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
@@ -84,47 +100,72 @@ class ByteLoader:
         self.dp_size = dp_size
         self.tokens = read_corpus(cfg)
         self.n_windows = (self.tokens.numel() - 1) // seq_len
-        self.per_rank = self.n_windows // dp_size
-        if self.per_rank < micro_batch_size:
+        if self.n_windows < dp_size * micro_batch_size:
             raise ValueError(
                 f"data.max_bytes={cfg.max_bytes} gives {self.n_windows} windows of seq_len={seq_len}, fewer than "
                 f"micro_batch_size={micro_batch_size} per rank for {dp_size} ranks; raise data.max_bytes"
             )
-        self.epoch = 0
-        self.cursor = 0
-        self._order = self._rank_order(0)
+        self.fingerprint = {"seed": cfg.seed, "seq_len": seq_len, "n_windows": self.n_windows}
+        self.windows = 0  # global positions consumed (all ranks together), after the last batch handed out
+        self._perms: dict[int, torch.Tensor] = {}  # epoch -> window order (the last two epochs used)
 
-    def _rank_order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        perm_W = torch.randperm(self.n_windows, generator=g)
-        return perm_W[self.dp_rank :: self.dp_size][: self.per_rank]
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """The window order of ``epoch`` (a seeded permutation of range(W))."""
+        perm_W = self._perms.get(epoch)
+        if perm_W is None:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            perm_W = torch.randperm(self.n_windows, generator=g)
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms[epoch] = perm_W
+        return perm_W
+
+    def window_indices(self, start: int, n: int) -> torch.Tensor:
+        """Windows at global positions [start, start + n) of the stream (across epoch ends)."""
+        W = self.n_windows
+        pos = torch.arange(start, start + n)
+        out = torch.empty(n, dtype=torch.int64)
+        for e in range(start // W, (start + n - 1) // W + 1):
+            sel = (pos // W) == e
+            out[sel] = self._epoch_order(e)[pos[sel] - e * W]
+        return out
 
     def __iter__(self) -> ByteLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.cursor + self.micro_batch_size > self.per_rank:
-            self.epoch += 1
-            self.cursor = 0
-            self._order = self._rank_order(self.epoch)
-        idx_B = self._order[self.cursor : self.cursor + self.micro_batch_size]
-        self.cursor += self.micro_batch_size
+        B = self.micro_batch_size
+        idx_B = self.window_indices(self.windows + self.dp_rank * B, B)
+        self.windows += self.dp_size * B
         offsets_BT = idx_B[:, None] * self.seq_len + torch.arange(self.seq_len + 1)  # [B, T+1]
         window_BT = self.tokens[offsets_BT].long()
         return {"input_ids": window_BT[:, :-1], "labels": window_BT[:, 1:]}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "dp_rank": self.dp_rank, "dp_size": self.dp_size}
+        """State after the last micro-batch handed out (same on every rank, for any layout)."""
+        return {"version": STATE_VERSION, "windows": self.windows, "fingerprint": dict(self.fingerprint)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["dp_rank"], state["dp_size"]) != (self.dp_rank, self.dp_size):
+        """Continue the global stream from ``state``; ``ValueError`` for another format or stream."""
+        if state.get("version") != STATE_VERSION:
+            what = "the per-rank (epoch, cursor) format of an older megads" if "cursor" in state else (
+                f"format version {state.get('version')!r}")
             raise ValueError(
-                f"fallback data state was saved by rank {state['dp_rank']} of {state['dp_size']}, loaded by "
-                f"rank {self.dp_rank} of {self.dp_size}; resume with the same number of ranks"
+                f"fallback data state has {what}, not version {STATE_VERSION} (global windows consumed); its "
+                "window order differs, so it cannot be continued without repeating or skipping windows; resume "
+                "with the megads version that wrote it, or start the data stream afresh (a new run_dir)"
             )
-        self.epoch = int(state["epoch"])
-        self.cursor = int(state["cursor"])
-        self._order = self._rank_order(self.epoch)
+        theirs = state.get("fingerprint", {})
+        changed = sorted(k for k in set(theirs) | set(self.fingerprint) if theirs.get(k) != self.fingerprint.get(k))
+        if changed:
+            raise ValueError(
+                "fallback data state was saved for a different stream (changed: "
+                + ", ".join(f"{k} {theirs.get(k)!r} -> {self.fingerprint.get(k)!r}" for k in changed)
+                + "); resume with the same data.seed, data.max_bytes, data.root and seq_len, or start afresh"
+            )
+        windows = int(state["windows"])
+        if windows < 0:
+            raise ValueError(f"fallback data state is inconsistent (windows={windows} < 0)")
+        self.windows = windows
 
 
 def build_fallback_loader(

@@ -27,7 +27,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from megads.train.checkpoint import latest_checkpoint
+from megads.checkpoint.dcp import CheckpointCorrupt, completed_steps
+from megads.checkpoint.writer import pick_resume
 from megads.train.config import ConfigError, TrainConfig
 
 log = logging.getLogger("megads.train")
@@ -62,22 +63,26 @@ def check_writable(folder: Path, *, what: str) -> None:
 
 
 def find_resume(cfg: TrainConfig, *, ckpt_dir: Path) -> Path | None:
-    """The checkpoint this launch resumes from (None: a fresh start); refuses what cannot work."""
+    """The checkpoint this launch resumes from (None: a fresh start); refuses what cannot work.
+
+    `auto`: the newest step folder that verifies (`checkpoint.verify`), falling back past corrupt
+    ones with a warning (megads.checkpoint.writer.pick_resume).
+    """
     mode = cfg.checkpoint.resume
-    if mode == "auto":
-        return latest_checkpoint(ckpt_dir)
-    if mode == "never":
-        existing = latest_checkpoint(ckpt_dir)
-        if existing is not None:
-            raise ConfigError(
-                f"checkpoint.resume=never but {ckpt_dir} already holds checkpoints (latest {existing.name}); "
-                "new ones would mix with them: delete that folder or choose another run_dir / checkpoint.dir"
-            )
-        return None
-    path = Path(mode)
-    if not (path / "meta.json").is_file():
-        raise ConfigError(f"checkpoint.resume={mode!r} is not a completed step_* checkpoint folder (no meta.json)")
-    return path
+    try:
+        if mode == "auto":
+            return pick_resume(ckpt_dir, verify=cfg.checkpoint.verify)
+        if mode == "never":
+            existing = completed_steps(ckpt_dir)
+            if existing:
+                raise ConfigError(
+                    f"checkpoint.resume=never but {ckpt_dir} already holds checkpoints (latest {existing[-1].name}); "
+                    "new ones would mix with them: delete that folder or choose another run_dir / checkpoint.dir"
+                )
+            return None
+        return pick_resume(ckpt_dir, explicit=Path(mode), verify=cfg.checkpoint.verify)
+    except CheckpointCorrupt as e:
+        raise ConfigError(f"checkpoint.resume={mode}: {e}") from None
 
 
 def run_fingerprint(cfg: TrainConfig, data_cfg: Any) -> str:
@@ -112,9 +117,7 @@ def training_settings(cfg: TrainConfig) -> dict[str, Any]:
 def checkpoint_meta(cfg: TrainConfig, *, world_size: int) -> dict[str, Any]:
     """What meta.json records beside the step: model config, state layout, training settings.
 
-    `layout` is enough to place every rank's model file: rank = pp_rank * dp + dp_rank and
-    ep_rank = dp_rank % ep (megads.parallel.mesh); routed-expert tensors of a rank hold the
-    experts [ep_rank * E/ep, (ep_rank + 1) * E/ep) along dim 0.
+    `layout` is informational: the state is stored by global name and loads into any layout.
     """
     return {
         "model": dataclasses.asdict(cfg.model),
@@ -135,24 +138,11 @@ def check_resume(cfg: TrainConfig, *, resume_from: Path, world_size: int, finger
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{meta_path}: unreadable checkpoint metadata ({e}); resume from another step_* folder") from None
-    saved_world = meta.get("world_size")
-    if saved_world != world_size:
-        raise ConfigError(
-            f"{resume_from} was written by {saved_world} ranks, this launch has {world_size}; "
-            f"resume with {saved_world} ranks, or start afresh with another run_dir"
-        )
-    saved_layout = meta.get("layout")
-    if saved_layout is not None:
-        now = state_layout(cfg, world_size=world_size)
-        clash = [f"parallel.{k}: {saved_layout.get(k)!r} in the checkpoint, {now[k]!r} now"
-                 for k in now if k != "world_size" and saved_layout.get(k) != now[k]]
-        if clash:
-            raise ConfigError(
-                f"{resume_from} holds model and optimizer state laid out for another parallel layout:\n    "
-                + "\n    ".join(clash)
-                + "\n  resume with the checkpoint's layout (set those fields back), or start a new run_dir "
-                "(megads-convert to-hf exports the weights of any layout)"
-            )
+    saved_layout = meta.get("layout") or {}
+    now = state_layout(cfg, world_size=world_size)
+    moved = [f"{k} {saved_layout.get(k)!r} -> {now[k]!r}" for k in now if saved_layout.get(k) != now[k]]
+    if moved:  # the state is stored by global name and reshards on load (docs/checkpoints.md)
+        log.info(f"{resume_from.name}: parallel layout changed, the state is resharded on load: " + ", ".join(moved))
     if meta.get("fingerprint") != fingerprint:
         raise ConfigError(
             f"{resume_from} belongs to a run with a different model, data, seq_len or micro-batch size "

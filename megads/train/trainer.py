@@ -34,11 +34,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megads.checkpoint.state import load_model_weights, load_training_state, set_rng_state, training_entries
+from megads.checkpoint.writer import CheckpointWriter
 from megads.model import count_parameters
 from megads.parallel.executor import OptimSettings, ParallelExecutor, StepMetrics
 from megads.parallel.mesh import DistEnv, ParallelMesh, init_distributed, read_dist_env
 from megads.pipeline.schedules import get_schedule
-from megads.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from megads.train.config import ConfigError, TrainConfig, validate_config
 from megads.train.data_source import build_loader, resolve_data_config
 from megads.train.monitor import WandbLogger, plot_expert_load, plot_loss
@@ -106,20 +107,23 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | N
 
 
 def build_executor(
-    cfg: TrainConfig, *, env: DistEnv, device: torch.device, autocast_dtype: torch.dtype | None
+    cfg: TrainConfig, *, env: DistEnv, device: torch.device, autocast_dtype: torch.dtype | None,
+    mesh: ParallelMesh | None = None, init: bool = True,
 ) -> ParallelExecutor:
     """Plan the layout (numbers only), build the mesh and this rank's executor.
 
     The executor builds its share of the model under `cfg.seed` (the same initial weights as
     the single-process `DeepseekV3(cfg.model)` after `torch.manual_seed(cfg.seed)`) and its
-    ZeRO-1 AdamW over the weight-decay groups of `param_groups_for`.
+    ZeRO-1 AdamW over the weight-decay groups of `param_groups_for`. `mesh` replaces the one
+    built from the process groups (`tools/rank_memory` passes one rank's mesh without any);
+    `init=False` leaves the parameters uninitialised (a checkpoint load or a measurement follows).
     """
     p, o = cfg.parallel, cfg.optim
     try:
         plan = p.plan(world_size=env.world_size, model=cfg.model, ranks_per_node=env.local_world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    mesh = ParallelMesh.build(plan)
+    mesh = mesh or ParallelMesh.build(plan)
     optim = OptimSettings(
         lr=o.lr, betas=(float(o.betas[0]), float(o.betas[1])), eps=o.eps, weight_decay=o.weight_decay,
         max_grad_norm=o.clip_grad, bucket_numel=p.bucket_numel,
@@ -131,8 +135,23 @@ def build_executor(
         micro_batch_size=p.micro_batch_size, seed=cfg.seed, optim=optim, zero1=p.zero1,
         moments_dtype=torch.bfloat16 if p.moments_dtype == "bfloat16" else torch.float32,
         device=device, autocast_dtype=autocast_dtype, overlap_fb=overlap_fb,
-        param_groups_fn=lambda model: param_groups_for(model.named_parameters(), o),
+        param_groups_fn=lambda model: param_groups_for(model.named_parameters(), o), init=init,
     )
+
+
+def init_weights_from(source: str, executor: ParallelExecutor) -> str:
+    """`checkpoint.init_from`: this rank's weights from a megads checkpoint folder (any layout) or
+    an HF folder (only this rank's tensors are read); returns which kind it was."""
+    path = Path(source)
+    if (path / "meta.json").is_file():
+        load_model_weights(path, executor)
+        return "megads checkpoint"
+    from megads.convert.hf import load_hf_weights_into  # noqa: PLC0415  (only this path reads HF folders)
+
+    mesh, cfg = executor.mesh, executor.cfg
+    load_hf_weights_into(executor.model, path, expert_start=mesh.ep_rank * (cfg.n_routed_experts // mesh.ep))
+    executor.optimizer.reset_from_params()
+    return "Hugging Face checkpoint"
 
 
 def _save_text_atomic(path: Path, text: str) -> None:
@@ -247,8 +266,6 @@ def _train(
     executor = build_executor(cfg, env=env, device=device, autocast_dtype=autocast_dtype)
     model, optimizer, mesh = executor.model, executor.optimizer, executor.mesh
     dp_rank, dp_size = mesh.dp_rank, mesh.dp
-    # rank 0 holds the whole model when nothing is split across ranks (one model.pt)
-    full_model_on_rank0 = cfg.parallel.pp == 1 and cfg.parallel.ep == 1
     if env.world_size > 1:
         log.info(executor.describe())  # every rank: what it holds
     mb = cfg.parallel.micro_batch_size
@@ -266,11 +283,17 @@ def _train(
 
     step, tokens = 0, 0.0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, rank=env.rank, world_size=env.world_size, model=model,
-                                optimizer=optimizer, sharded=True)
+        state = load_training_state(resume_from, executor)  # any layout: the state reshards on load
         step, tokens = state["step"], state["tokens"]
         loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
+        if state["rng"] is not None:
+            set_rng_state(state["rng"])
+        else:
+            say(f"note: {resume_from.name} holds no RNG state for rank {env.rank} (another world size); "
+                "the RNG keeps its seed")
+    elif cfg.checkpoint.init_from:
+        source = init_weights_from(cfg.checkpoint.init_from, executor)
+        say(f"weights from {cfg.checkpoint.init_from} ({source}); fresh optimizer, schedule and data")
 
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -315,6 +338,15 @@ def _train(
     )
     metrics_file = open(run_dir / "metrics.jsonl", "a") if rank0 else None  # noqa: SIM115
     last_ckpt: Path | None = resume_from
+    writer = CheckpointWriter(ckpt_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
+
+    def save(at_step: int, at_tokens: float) -> Path:
+        entries = training_entries(executor, step=at_step, tokens=at_tokens, loader_state=loader.state_dict())
+        meta = {"step": at_step, "tokens": at_tokens, "world_size": env.world_size, "fingerprint": fingerprint,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "weights_only": False,
+                **checkpoint_meta(cfg, world_size=env.world_size)}
+        return writer.save(at_step, entries, meta=meta)
+
     t_start = time.perf_counter()
     timeline_png: str | None = None
     steps_at_start, tokens_at_start = step, tokens
@@ -362,19 +394,13 @@ def _train(
                     window = []
             every = cfg.checkpoint.every_steps
             if every > 0 and step % every == 0 and step < plan.total_steps:
-                last_ckpt = save_checkpoint(
-                    ckpt_dir, step=step, tokens=tokens, rank=env.rank, world_size=env.world_size, model=model,
-                    optimizer=optimizer, loader_state=loader.state_dict(), keep_last=cfg.checkpoint.keep_last,
-                    fingerprint=fingerprint, sharded=True, full_model_on_rank0=full_model_on_rank0,
-                    extra_meta=checkpoint_meta(cfg, world_size=env.world_size),
-                )
+                last_ckpt = save(step, tokens)
         if cfg.checkpoint.at_end and (last_ckpt is None or last_ckpt.name != f"step_{step:08d}"):
-            last_ckpt = save_checkpoint(
-                ckpt_dir, step=step, tokens=tokens, rank=env.rank, world_size=env.world_size, model=model,
-                optimizer=optimizer, loader_state=loader.state_dict(), keep_last=cfg.checkpoint.keep_last,
-                fingerprint=fingerprint, sharded=True, full_model_on_rank0=full_model_on_rank0,
-                extra_meta=checkpoint_meta(cfg, world_size=env.world_size),
-            )
+            last_ckpt = save(step, tokens)
+        writer.wait()
+        if writer.blocking_s:
+            say(f"checkpoints: {len(writer.blocking_s)} saved, training waited {sum(writer.blocking_s):.2f} s for them"
+                + (" (asynchronous)" if writer.async_save else ""))
     finally:
         if metrics_file is not None:
             metrics_file.close()

@@ -1,0 +1,1 @@
+"""Model, optimizer and run state on torch.distributed.checkpoint (see megads.checkpoint.dcp)."""

@@ -1,0 +1,272 @@
+"""Step folders on torch.distributed.checkpoint (DCP): sharded save/load, manifest, completion marker.
+
+A step folder (format 2) holds
+
+    .metadata, __<r>_<i>.distcp   DCP's own files: one global index, one data file per writing rank
+    manifest.json                 every DCP file's size in bytes and SHA-256
+    meta.json                     the completion marker, written last (step, tokens, model config,
+                                  layout, ...); a folder without it never counts
+
+`save_state` writes a flat state dict {key: value} where a value is
+
+    a torch.Tensor    replicated: every rank holding it offers it, DCP writes it once
+    a ShardView       this rank's box of a global tensor (routed experts: [E/ep, ...] rows of the
+                      global [E, ...] tensor; ZeRO-1 moments: a 1-D range of the flattened
+                      parameter); the boxes of all ranks must tile the global tensor
+    anything else     a picklable object (replicated the same way, by key)
+
+`load_state` fills a state dict of the same kinds from any folder whose global tensors contain
+the requested boxes: a rank asks for the keys and boxes of *its* layout, DCP reads the
+overlapping pieces of whatever boxes were saved. That is the whole resharding mechanism.
+
+Why ShardView and not DTensor: ZeRO-1 shards are arbitrary element ranges of a parameter (bucket
+boundaries, padding), which no DTensor placement describes; DCP's planner accepts any object
+that says which box of which global tensor it is (`__create_write_items__`,
+`__create_chunk_list__`, `__get_tensor_shard__`, the protocol DTensor implements).
+
+Atomicity: ranks write into `<step>.tmp`; after DCP's own commit (its `.metadata`), every rank
+hashes a share of the files, rank 0 writes manifest.json, then meta.json, then renames the
+folder (one `os.replace`). An interrupted save leaves a `.tmp` folder that is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.utils import find_state_dict_object
+
+FORMAT_VERSION = 2
+MODEL_PREFIX = "model."  # model.<name of the single-process state_dict> (routed experts: global [E, ...])
+META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
+_HASH_BLOCK = 8 << 20
+
+
+class CheckpointCorrupt(ValueError):
+    """A step folder that is incomplete, truncated or altered; the message names the file."""
+
+
+@dataclass
+class ShardView:
+    """This rank's box of a global tensor: `local` sits at `offsets` inside `global_shape`."""
+
+    local: torch.Tensor
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.offsets) != len(self.global_shape) or self.local.dim() != len(self.global_shape):
+            raise ValueError(f"ShardView: local {tuple(self.local.shape)} at {self.offsets} in {self.global_shape}")
+        for o, n, g in zip(self.offsets, self.local.shape, self.global_shape):
+            if o < 0 or o + n > g:
+                raise ValueError(f"ShardView: box {self.offsets}+{tuple(self.local.shape)} outside {self.global_shape}")
+
+    def size(self) -> torch.Size:  # what DCP's load plan compares with the saved size
+        return torch.Size(self.global_shape)
+
+    def _chunk(self) -> ChunkStorageMetadata:
+        return ChunkStorageMetadata(offsets=torch.Size(self.offsets), sizes=self.local.size())
+
+    def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
+        return [WriteItem(
+            index=MetadataIndex(fqn, torch.Size(self.offsets)), type=WriteItemType.SHARD,
+            tensor_data=TensorWriteData(chunk=self._chunk(), properties=TensorProperties(dtype=self.local.dtype),
+                                        size=torch.Size(self.global_shape)),
+        )]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [self._chunk()]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        return self.local
+
+
+def _lookup(state: Mapping[str, Any], index: MetadataIndex) -> Any:
+    obj = state.get(index.fqn)
+    if isinstance(obj, ShardView):
+        return obj.local
+    return find_state_dict_object(state, index)  # type: ignore[arg-type]
+
+
+class _SavePlanner(DefaultSavePlanner):
+    def __init__(self) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        return _lookup(self.state_dict, index)
+
+
+class _LoadPlanner(DefaultLoadPlanner):
+    def __init__(self) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False, allow_partial_load=False)
+
+    def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
+        # DefaultLoadPlanner's set-up walks the state dict to materialise meta tensors and, doing
+        # so, replaces every object it does not know (a ShardView) with None; nothing here is meta
+        self.original_state_dict = self.state_dict = state_dict
+        self.metadata = metadata
+        self.is_coordinator = is_coordinator
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return _lookup(self.state_dict, index)
+
+
+def save_state(folder: str | os.PathLike[str], state: dict[str, Any], *, group: Any = None) -> None:
+    """Collective over `group` (None: the default group, or one process without any)."""
+    writer = FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True, thread_count=1)
+    dcp.save(state, storage_writer=writer, planner=_SavePlanner(), process_group=group,
+             no_dist=not dist.is_initialized())
+
+
+def load_state(folder: str | os.PathLike[str], state: dict[str, Any], *, group: Any = None) -> None:
+    """Fill `state` in place (tensors and ShardView boxes copied into, objects replaced)."""
+    reader = FileSystemReader(str(folder))
+    dcp.load(state, storage_reader=reader, planner=_LoadPlanner(), process_group=group,
+             no_dist=not dist.is_initialized())
+
+
+def saved_keys(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """key -> DCP storage metadata (TensorStorageMetadata: .size, .properties.dtype; or bytes)."""
+    return dict(FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+
+
+def staged_copy(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `state` on the CPU that training may not change under an asynchronous save."""
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        if isinstance(v, ShardView):
+            out[k] = ShardView(v.local.detach().to("cpu", copy=True), v.global_shape, v.offsets)
+        elif isinstance(v, torch.Tensor):
+            out[k] = v.detach().to("cpu", copy=True)
+        else:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------- folder commit
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (META_FILE, MANIFEST_FILE)
+                  and not p.name.endswith(".tmp"))
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _group_rank_size(group: Any) -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def commit_folder(tmp: Path, final: Path, *, meta: dict[str, Any], group: Any = None) -> None:
+    """Collective: hash the DCP files (each rank a share), write manifest + meta.json, rename.
+
+    Rank 0 of `group` writes; every rank returns after the rename.
+    """
+    rank, size = _group_rank_size(group)
+    files = _data_files(tmp)
+    mine = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files[rank::size]}
+    parts: list[Any] = [None] * size
+    if size > 1:
+        dist.all_gather_object(parts, mine, group=group)
+    else:
+        parts = [mine]
+    if rank == 0:
+        manifest = {"format": FORMAT_VERSION, "files": {k: v for part in parts for k, v in sorted(part.items())}}
+        _write_json_atomic(tmp / MANIFEST_FILE, manifest)
+        meta = {"format": FORMAT_VERSION, "bytes": sum(v["bytes"] for v in manifest["files"].values()), **meta}
+        _write_json_atomic(tmp / META_FILE, meta)  # the completion marker
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    if size > 1:
+        dist.barrier(group=group)
+
+
+def read_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise CheckpointCorrupt(f"{path}: missing; {folder} is not a completed checkpoint (an interrupted save?)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointCorrupt(f"{path}: unreadable ({e})") from e
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointCorrupt(
+            f"{path}: checkpoint format {meta.get('format')!r}, this megads reads format {FORMAT_VERSION} "
+            "(torch.distributed.checkpoint step folders); format 1 (torch.save per rank) is no longer read: "
+            "start a new run_dir, or export its weights with the megads version that wrote it"
+        )
+    return meta
+
+
+def verify_folder(folder: str | os.PathLike[str], *, checksums: bool = True) -> dict[str, Any]:
+    """meta.json of a complete, intact step folder; CheckpointCorrupt naming the first bad file."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    mpath = folder / MANIFEST_FILE
+    try:
+        files = json.loads(mpath.read_text())["files"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise CheckpointCorrupt(f"{mpath}: missing or unreadable ({e})") from e
+    for name, entry in files.items():
+        p = folder / name
+        if not p.is_file():
+            raise CheckpointCorrupt(f"{p}: listed in {MANIFEST_FILE} but missing")
+        n = p.stat().st_size
+        if n != entry["bytes"]:
+            raise CheckpointCorrupt(f"{p}: {n} bytes, the manifest says {entry['bytes']} (truncated?)")
+        if checksums and _sha256(p) != entry["sha256"]:
+            raise CheckpointCorrupt(f"{p}: SHA-256 differs from {MANIFEST_FILE} (the file was altered or is corrupt)")
+    if ".metadata" not in files:
+        raise CheckpointCorrupt(f"{mpath}: lists no DCP .metadata file")
+    return meta
+
+
+# ---------------------------------------------------------------------------------- step folders
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def completed_steps(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
+    """Step folders with a completion marker, oldest first (by step number)."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        name = child.name
+        if name.startswith("step_") and name[5:].isdigit() and len(name) == 13 and (child / META_FILE).is_file():
+            found.append((int(name[5:]), child))
+    return [p for _, p in sorted(found)]
+
+
+def newest_first(ckpt_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    yield from reversed(completed_steps(ckpt_dir))
