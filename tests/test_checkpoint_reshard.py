@@ -18,7 +18,13 @@ import torch
 
 from megads.parallel.executor import OptimSettings
 from megads.testing.parallel import (
-    LayoutSpec, checkpoint_worker, compare_with_reference, make_batches, reference_run, spawn, tiny_config,
+    LayoutSpec,
+    checkpoint_worker,
+    compare_with_reference,
+    make_batches,
+    reference_run,
+    spawn,
+    tiny_config,
 )
 
 RTOL = 1e-6

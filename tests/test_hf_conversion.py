@@ -4,6 +4,8 @@ The reference is `transformers.DeepseekV3ForCausalLM` (written by nobody here). 
 saves a random HF model with `save_pretrained`, loads it with `megads.from_hf`, and compares
 float32 logits (tolerance 1e-4 max-abs); then `megads.to_hf` + `from_pretrained` must give the
 same logits again, and re-importing must reproduce our weights (MTP included) bit for bit.
+The streaming converters (`megads-convert`, HF <-> megads checkpoint folder) are checked here
+end to end against transformers and in tests/test_convert_streaming.py bit for bit.
 """
 
 from __future__ import annotations
@@ -232,13 +234,16 @@ def test_export_never_clobbers(tmp_path: Path) -> None:
 
 
 def test_convert_cli_round_trip(tmp_path: Path) -> None:
+    """transformers folder -> megads checkpoint folder (DCP) -> HF folder -> transformers: same logits."""
     from megads.convert.cli import main
 
     hf = make_hf_model(8)
     hf.save_pretrained(tmp_path / "hf")
-    assert main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "native"), "--init-missing-mtp"]) == 0
-    assert main(["to-hf", str(tmp_path / "native"), str(tmp_path / "hf2")]) == 0
+    ckpt, hf2_dir = tmp_path / "ckpt", tmp_path / "hf2"
+    assert main(["from-hf", str(tmp_path / "hf"), str(ckpt), "--init-missing-mtp", "--no-progress"]) == 0
+    assert (ckpt / "meta.json").is_file() and (ckpt / ".metadata").is_file()
+    assert main(["to-hf", str(ckpt), str(hf2_dir), "--no-progress"]) == 0
     ids = torch.randint(0, BASE["vocab_size"], (1, 10))
-    hf2 = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf2", dtype=torch.float32).eval()
+    hf2 = DeepseekV3ForCausalLM.from_pretrained(hf2_dir, dtype=torch.float32).eval()
     assert (hf_logits(hf2, ids) - hf_logits(hf, ids)).abs().max().item() < TOL
     assert main(["from-hf", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2

@@ -2,8 +2,8 @@
 
 Checks that the trainer runs the parallel executor end to end: falling LM loss, rank 0's
 metrics carry the expert load of every MoE layer (stage 0's layers and stage 1's layers and
-the MTP block, aggregated across ranks), per-rank checkpoint files are written, and a resumed run
-reproduces the uninterrupted one's losses. The default suite covers the same executor through
+the MTP block, aggregated across ranks), every rank writes its DCP file, and a resumed run (same
+layout, and dp2 on 2 ranks) reproduces the uninterrupted one's losses. The default suite covers the same executor through
 tests/test_parallel_equivalence.py; this test covers the trainer wiring.
 """
 
@@ -48,15 +48,20 @@ def test_pp2_ep2_trains_logs_global_load_and_resumes(tmp_path: Path) -> None:
             "load/imbalance/mtp.0.block"} <= load_keys, load_keys
     assert "rank 3/4: pp 1/2" in proc.stdout + proc.stderr
     step4 = ref_dir / "checkpoints" / "step_00000004"
-    assert sorted(p.name for p in step4.glob("optim_rank_*.pt")) == [f"optim_rank_{r:05d}.pt" for r in range(4)]
-    # resume from step 4 in a new folder: same losses as the uninterrupted run
-    res_dir = tmp_path / "res"
-    (res_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(step4, res_dir / "checkpoints" / "step_00000004")
-    (res_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist[:4]))
-    _launch(res_dir, "schedule.train_steps=8")
-    resumed = _metrics(res_dir)
-    assert [round(h["loss/total"], 6) for h in resumed[4:8]] == [round(h["loss/total"], 6) for h in hist[4:8]]
+    assert sorted(p.name for p in step4.glob("__*_0.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
+    assert (step4 / "manifest.json").is_file() and (step4 / "meta.json").is_file()
+    # resume from step 4 in a new folder, under the same layout and under plain dp2 on 2 ranks
+    # (the checkpoint reshards): the losses of the uninterrupted run
+    for name, extra, nproc in (("res", (), 4), ("res_dp2", ("parallel=dp",), 2)):
+        res_dir = tmp_path / name
+        (res_dir / "checkpoints").mkdir(parents=True)
+        shutil.copytree(step4, res_dir / "checkpoints" / "step_00000004")
+        (res_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist[:4]))
+        proc = _launch(res_dir, "schedule.train_steps=8", *extra, nproc=nproc)
+        resumed = _metrics(res_dir)
+        got = [h["loss/total"] for h in resumed[4:8]]
+        assert got == pytest.approx([h["loss/total"] for h in hist[4:8]], rel=1e-6), name
+    assert "resharded on load" in proc.stdout + proc.stderr
 
 
 def test_dualpipev_run_trains_and_writes_the_measured_timeline(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megads.checkpoint.dcp import read_tensors
 from megads.testing.launch import run_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,8 +82,8 @@ def _check_resume(ref_dir: Path, run_dir: Path, data: tuple[str, ...], *override
     for a, b in zip(ref, got):
         for key in ("loss/lm", "loss/mtp", "loss/balance", "grad_norm", "lr", "tokens", "load/imbalance_mean"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
-    sd_ref = torch.load(ref_dir / "checkpoints/step_00000008/model.pt", weights_only=False)
-    sd_got = torch.load(run_dir / "checkpoints/step_00000008/model.pt", weights_only=False)
+    sd_ref = read_tensors(ref_dir / "checkpoints/step_00000008")
+    sd_got = read_tensors(run_dir / "checkpoints/step_00000008")
     assert sd_ref.keys() == sd_got.keys()
     biases = [k for k in sd_ref if k.endswith("e_score_correction_bias")]
     assert biases and any(sd_ref[k].abs().sum() > 0 for k in biases)

@@ -102,7 +102,7 @@ def _lookup(state: Mapping[str, Any], index: MetadataIndex) -> Any:
     return find_state_dict_object(state, index)  # type: ignore[arg-type]
 
 
-class _SavePlanner(DefaultSavePlanner):
+class ShardSavePlanner(DefaultSavePlanner):
     def __init__(self) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
 
@@ -110,7 +110,7 @@ class _SavePlanner(DefaultSavePlanner):
         return _lookup(self.state_dict, index)
 
 
-class _LoadPlanner(DefaultLoadPlanner):
+class ShardLoadPlanner(DefaultLoadPlanner):
     def __init__(self) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False, allow_partial_load=False)
 
@@ -128,20 +128,32 @@ class _LoadPlanner(DefaultLoadPlanner):
 def save_state(folder: str | os.PathLike[str], state: dict[str, Any], *, group: Any = None) -> None:
     """Collective over `group` (None: the default group, or one process without any)."""
     writer = FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True, thread_count=1)
-    dcp.save(state, storage_writer=writer, planner=_SavePlanner(), process_group=group,
+    dcp.save(state, storage_writer=writer, planner=ShardSavePlanner(), process_group=group,
              no_dist=not dist.is_initialized())
 
 
 def load_state(folder: str | os.PathLike[str], state: dict[str, Any], *, group: Any = None) -> None:
     """Fill `state` in place (tensors and ShardView boxes copied into, objects replaced)."""
     reader = FileSystemReader(str(folder))
-    dcp.load(state, storage_reader=reader, planner=_LoadPlanner(), process_group=group,
+    dcp.load(state, storage_reader=reader, planner=ShardLoadPlanner(), process_group=group,
              no_dist=not dist.is_initialized())
 
 
 def saved_keys(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """key -> DCP storage metadata (TensorStorageMetadata: .size, .properties.dtype; or bytes)."""
     return dict(FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+
+
+def read_tensors(folder: str | os.PathLike[str], *, prefix: str = MODEL_PREFIX) -> dict[str, torch.Tensor]:
+    """Every saved tensor whose key starts with `prefix`, whole, in one process (tests, small
+    models; megads-convert streams instead). Keys are returned without the prefix."""
+    meta = saved_keys(folder)
+    state: dict[str, Any] = {
+        k: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        for k, md in meta.items() if k.startswith(prefix) and hasattr(md, "size")
+    }
+    load_state(folder, state)
+    return {k[len(prefix):]: v for k, v in state.items()}
 
 
 def staged_copy(state: Mapping[str, Any]) -> dict[str, Any]:

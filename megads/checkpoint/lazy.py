@@ -48,7 +48,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from megads.checkpoint.dcp import ShardView, _LoadPlanner
+from megads.checkpoint.dcp import ShardLoadPlanner, ShardView
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
@@ -183,4 +183,4 @@ class CheckpointReader:
 
     def read(self, state: dict[str, Any]) -> None:
         """Fill `state` ({key: tensor | ShardView | None}) in place, as `megads.checkpoint.dcp.load_state`."""
-        dcp.load(state, storage_reader=self._reader, planner=_LoadPlanner(), no_dist=True)
+        dcp.load(state, storage_reader=self._reader, planner=ShardLoadPlanner(), no_dist=True)
