@@ -1,6 +1,7 @@
 """ZeRO-1 on 4 real gloo ranks: state bytes = total/dp, exact AdamW + clipping, bf16 moments;
-checkpoints by parameter name (resume with another bucket size / moments dtype / sharding, new
-hyper-parameters in force, missing or foreign pieces refused by name)."""
+checkpoints by parameter name through torch.distributed.checkpoint (resume with another bucket
+size / moments dtype / sharding, new hyper-parameters in force, a missing parameter refused by
+name)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megads.checkpoint.dcp import load_state, read_tensors, save_state
+from megads.checkpoint.state import zero1_entries
 from megads.parallel.zero1 import Zero1AdamW
 from megads.testing.parallel import spawn
-from megads.train.checkpoint import load_checkpoint, save_checkpoint
 
 STEPS = 3
 
@@ -169,18 +171,34 @@ def _step(m: nn.Module, opt: Zero1AdamW, step: int, rank: int) -> dict[str, torc
     return {n: p.detach().clone() for n, p in m.named_parameters()}
 
 
-def _full(states: list[dict], rank: int) -> dict[str, dict[str, torch.Tensor]]:
-    """Every parameter's whole saved state, from the pieces of this rank's groups."""
+def _entries(opt: Zero1AdamW, rank: int) -> dict:
+    """The trainer's optimizer entries (ep = 2: rank r holds expert shard r % 2) and its meta."""
+    return {**zero1_entries(opt, ep=2, ep_rank=rank % 2),
+            "optim.meta": {"step": opt.step_count, "hyperparameters": opt.hyperparameters()}}
+
+
+def _load(opt: Zero1AdamW, folder: Path, rank: int) -> dict:
+    entries = {**zero1_entries(opt, ep=2, ep_rank=rank % 2), "optim.meta": None}
+    load_state(folder, entries)
+    meta = entries["optim.meta"]
+    opt.restore(step=meta["step"], hyperparameters=meta["hyperparameters"])
+    return meta["hyperparameters"]
+
+
+def _full(folder: Path, rank: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's whole saved state (this ep rank's experts) from the checkpoint folder."""
+    flat = read_tensors(folder, prefix="optim.")
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for st in states:
-        for name, e in st["params"].items():
-            if e["kind"] == "expert" and st["rank"] % 2 != rank % 2:
-                continue  # the other ep rank's experts
-            d = out.setdefault(name, {k: torch.full((e["numel"],), float("nan"), dtype=e[k].dtype) for k in KEYS})
-            for k in KEYS:
-                d[k][e["lo"] : e["hi"]] = e[k]
-    assert all(not torch.isnan(t.float()).any() for d in out.values() for t in d.values())
+    for key, t in flat.items():
+        name, k = key.rsplit(".", 1)
+        if name == "experts":  # the global [2 * 33] flat tensor of both ep ranks' shards
+            t = t.view(2, -1)[rank % 2]
+        out.setdefault(name, {})[k] = t
     return out
+
+
+def _views(opt: Zero1AdamW) -> dict[str, tuple[int, int, dict[str, torch.Tensor]]]:
+    return {n: (lo, hi, v) for n, (lo, hi, _numel, _kind, v) in opt.shard_views().items()}
 
 
 def _raises(fn: Callable[[], object], *needles: str) -> str:
@@ -192,7 +210,7 @@ def _raises(fn: Callable[[], object], *needles: str) -> str:
     return msg
 
 
-def _check_layouts(rank: int, edp: dist.ProcessGroup, moments_a: torch.dtype, states: list[dict],
+def _check_layouts(rank: int, edp: dist.ProcessGroup, moments_a: torch.dtype, folder: Path,
                    full: dict, at2: dict, at3: dict, full3: dict) -> None:
     """(a) resume with another bucket layout / sharding / moments dtype; `full3`: the state after
     the uninterrupted run's next step."""
@@ -201,15 +219,12 @@ def _check_layouts(rank: int, edp: dist.ProcessGroup, moments_a: torch.dtype, st
         for moments_b in (moments_a, other):
             mb = _named_model(rank, seed=7)  # other values: the load must set every element
             ob = _opt(mb, edp, bucket=bucket, moments=moments_b, shard=shard)
-            peers = ob.state_peer_ranks()
-            assert peers[0] == rank and sorted(peers) == list(range(len(states)))
-            ob.load_state_dict(states[r] for r in peers)  # lazily, as the checkpoint loader does
+            _load(ob, folder, rank)
             assert ob.step_count == 2
-            for name, e in ob.state_dict()["params"].items():
-                lo, hi = e["lo"], e["hi"]
-                assert torch.equal(e["master"], full[name]["master"][lo:hi]), (bucket, name)
+            for name, (lo, hi, v) in _views(ob).items():
+                assert torch.equal(v["master"], full[name]["master"][lo:hi]), (bucket, name)
                 for k in ("exp_avg", "exp_avg_sq"):
-                    assert torch.equal(e[k], full[name][k][lo:hi].to(moments_b)), (bucket, moments_b, name, k)
+                    assert torch.equal(v[k], full[name][k][lo:hi].to(moments_b)), (bucket, moments_b, name, k)
             for n, p in mb.named_parameters():
                 assert torch.equal(p, at2[n]), (bucket, n)
             got = _step(mb, ob, 2, rank)
@@ -219,23 +234,18 @@ def _check_layouts(rank: int, edp: dist.ProcessGroup, moments_a: torch.dtype, st
                 else:  # the other dtype's update arithmetic
                     torch.testing.assert_close(got[n], at3[n], rtol=0, atol=1e-3)
             if moments_b == moments_a:  # the whole state continues bit for bit, moments included
-                for name, e in ob.state_dict()["params"].items():
+                for name, (lo, hi, v) in _views(ob).items():
                     for k in KEYS:
-                        assert torch.equal(e[k], full3[name][k][e["lo"] : e["hi"]]), (bucket, shard, name, k)
-    # every rank's states at once, in rank order: the other ep rank's "experts" pieces are skipped
-    mb = _named_model(rank, seed=7)
-    ob = _opt(mb, edp, bucket=7, moments=moments_a)
-    ob.load_state_dict(states)
-    got = _step(mb, ob, 2, rank)
-    assert all(torch.equal(got[n], at3[n]) for n in at3)
+                        assert torch.equal(v[k], full3[name][k][lo:hi]), (bucket, shard, name, k)
 
 
-def _check_new_hyperparameters(rank: int, edp: dist.ProcessGroup, states: list[dict], full: dict,
+def _check_new_hyperparameters(rank: int, edp: dist.ProcessGroup, folder: Path, full: dict,
                                at3: dict, saved_hp: dict) -> None:
     """(b) the new launch's betas / eps / weight_decay apply from the resumed step."""
+    world = dist.get_world_size()
     mc = _named_model(rank, seed=7)
     oc = _opt(mc, edp, bucket=7, moments=torch.float32, betas=(0.5, 0.6), eps=1e-2, weight_decay=5.0)
-    saved = oc.load_state_dict([states[r] for r in oc.state_peer_ranks()])
+    saved = _load(oc, folder, rank)
     assert saved == saved_hp == oc.loaded_hyperparameters
     assert saved["decay"] == {"lr": 0.05, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
     assert oc.hyperparameter_changes() == {
@@ -244,7 +254,6 @@ def _check_new_hyperparameters(rank: int, edp: dist.ProcessGroup, states: list[d
     }
     assert oc.param_groups[0]["weight_decay"] == 5.0 and oc.param_groups[0]["betas"] == (0.5, 0.6)
     got = _step(mc, oc, 2, rank)
-    world = len(states)
     pair = [rank % 2, rank % 2 + 2]
     for i, (n, p) in enumerate(mc.named_parameters()):
         # torch's AdamW with the new values on the saved state and the summed gradient
@@ -260,66 +269,33 @@ def _check_new_hyperparameters(rank: int, edp: dist.ProcessGroup, states: list[d
         assert (got[n] - at3[n]).abs().max() > 1e-3, n  # not the saved hyper-parameters' update
 
 
-def _check_refusals(rank: int, edp: dist.ProcessGroup, states: list[dict]) -> None:
-    """(c) missing or foreign pieces are refused by name, on every rank."""
-
-    def fresh() -> Zero1AdamW:
-        return _opt(_named_model(rank, seed=7), edp, bucket=1 << 20, moments=torch.float32)
-
-    peers = fresh().state_peer_ranks()
-    without = [states[r] for r in peers if r != peers[1]]  # one peer's file lost
-    msg = _raises(lambda: fresh().load_state_dict(without), "optimizer state incomplete", "elements")
-    if rank == 0:  # one bucket per space: rank 0's part of 0.weight was saved by ranks 0 and 1
-        assert "'0.weight'" in msg, msg
-    own = states[rank]
-    bogus = dict(own, params={**own["params"], "bogus.weight": dict(own["params"]["0.weight"])})
-    _raises(lambda: fresh().load_state_dict([bogus, *(states[r] for r in peers[1:])]), "'bogus.weight'", "not a parameter")
-    lost = [dict(st, params={k: v for k, v in st["params"].items() if k != "2.bias"}) for st in states]
-    _raises(lambda: fresh().load_state_dict(lost), "'2.bias'", "no piece at all")
-    _raises(lambda: fresh().load_state_dict({"step": 2, "spaces": []}), "format")
-
-
-def _check_checkpoint_files(rank: int, world: int, edp: dist.ProcessGroup, step_dir: Path, at2: dict) -> None:
-    """load_checkpoint reads the files of state_peer_ranks(); a missing one is named."""
-    md = _named_model(rank, seed=7)
-    od = _opt(md, edp, bucket=1 << 20, moments=torch.bfloat16)
-    assert load_checkpoint(step_dir, rank=rank, world_size=world, model=md, optimizer=od, sharded=True)["step"] == 2
-    assert all(torch.equal(p, at2[n]) for n, p in md.named_parameters())
-    dist.barrier()
-    if rank == 0:
-        (step_dir / "optim_rank_00001.pt").unlink()
-    dist.barrier()
-    od = _opt(md, edp, bucket=1 << 20, moments=torch.float32)
-    _raises(lambda: load_checkpoint(step_dir, rank=rank, world_size=world, model=md, optimizer=od, sharded=True),
-            "optim_rank_00001.pt")
+def _check_refusals(rank: int, edp: dist.ProcessGroup, folder: Path) -> None:
+    """(c) a parameter the checkpoint lacks is refused by name, on every rank."""
+    m = _named_model(rank, seed=7)
+    m.extra = nn.Parameter(torch.zeros(5))  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"holds no optim\.extra\.exp_avg, optim\.extra\.exp_avg_sq, optim\.extra\.master"):
+        _load(_opt(m, edp, bucket=1 << 20, moments=torch.float32), folder, rank)
 
 
 def _resume_worker(rank: int, world: int, ckpt_dir: str) -> None:
     edp = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
-    saved_at2: dict[str, torch.Tensor] = {}
     for moments_a in (torch.float32, torch.bfloat16):
+        folder = Path(ckpt_dir) / f"{moments_a}".replace("torch.", "")
         ma = _named_model(rank, seed=0)
         oa = _opt(ma, edp, bucket=A_BUCKET, moments=moments_a)
         at2 = {}
         for step in range(2):
             at2 = _step(ma, oa, step, rank)
-        states: list[dict] = [{} for _ in range(world)]
-        dist.all_gather_object(states, oa.state_dict())
-        full = _full(states, rank)
+        save_state(folder / "at2", _entries(oa, rank))
+        full = _full(folder / "at2", rank)
         for n, p in ma.named_parameters():  # the saved ranges hold the right elements
             assert torch.equal(full[n]["master"], p.detach().reshape(-1)), n
-        if moments_a == torch.float32:
-            saved_at2 = at2
-            save_checkpoint(ckpt_dir, step=2, tokens=0.0, rank=rank, world_size=world, model=ma, optimizer=oa,
-                            loader_state={}, keep_last=0, sharded=True, full_model_on_rank0=False)
         at3 = _step(ma, oa, 2, rank)  # the uninterrupted run
-        states3: list[dict] = [{} for _ in range(world)]
-        dist.all_gather_object(states3, oa.state_dict())
-        _check_layouts(rank, edp, moments_a, states, full, at2, at3, _full(states3, rank))
+        save_state(folder / "at3", _entries(oa, rank))
+        _check_layouts(rank, edp, moments_a, folder / "at2", full, at2, at3, _full(folder / "at3", rank))
         if moments_a == torch.float32:
-            _check_new_hyperparameters(rank, edp, states, full, at3, oa.hyperparameters())
-            _check_refusals(rank, edp, states)
-    _check_checkpoint_files(rank, world, edp, Path(ckpt_dir) / "step_00000002", saved_at2)
+            _check_new_hyperparameters(rank, edp, folder / "at2", full, at3, oa.hyperparameters())
+            _check_refusals(rank, edp, folder / "at2")
 
 
 def test_zero1_checkpoint_by_name_survives_layout_changes(tmp_path: Path) -> None:

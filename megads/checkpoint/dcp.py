@@ -133,8 +133,25 @@ def save_state(folder: str | os.PathLike[str], state: dict[str, Any], *, group: 
 
 
 def load_state(folder: str | os.PathLike[str], state: dict[str, Any], *, group: Any = None) -> None:
-    """Fill `state` in place (tensors and ShardView boxes copied into, objects replaced)."""
+    """Fill `state` in place (tensors and ShardView boxes copied into, objects replaced).
+
+    ValueError naming the folder and the keys when it lacks some of them (another model, or a
+    weights-only folder where training state is asked for); every rank checks its own keys.
+    """
     reader = FileSystemReader(str(folder))
+    saved = reader.read_metadata().state_dict_metadata
+    missing = sorted(set(state) - set(saved))
+    if dist.is_initialized():  # agreed first: a rank that stopped alone would leave the others in DCP's collectives
+        failed = torch.tensor([1 if missing else 0])
+        dist.all_reduce(failed, group=group)
+        if int(failed) and not missing:
+            raise ValueError(f"{folder}: the checkpoint lacks keys other ranks need (their error names them)")
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(
+            f"{folder}: the checkpoint holds no {', '.join(missing[:5])}{more}: it was written for another model "
+            "(or holds weights only: use checkpoint.init_from for those)"
+        )
     dcp.load(state, storage_reader=reader, planner=ShardLoadPlanner(), process_group=group,
              no_dist=not dist.is_initialized())
 
