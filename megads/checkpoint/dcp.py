@@ -125,6 +125,13 @@ class ShardLoadPlanner(DefaultLoadPlanner):
         return _lookup(self.state_dict, index)
 
 
+def collective_device(group: Any = None) -> torch.device:
+    """Where a tensor for a collective over `group` must live: NCCL takes CUDA tensors only."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def save_state(folder: str | os.PathLike[str], state: dict[str, Any], *, group: Any = None) -> None:
     """Collective over `group` (None: the default group, or one process without any)."""
     writer = FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True, thread_count=1)
@@ -142,7 +149,7 @@ def load_state(folder: str | os.PathLike[str], state: dict[str, Any], *, group: 
     saved = reader.read_metadata().state_dict_metadata
     missing = sorted(set(state) - set(saved))
     if dist.is_initialized():  # agreed first: a rank that stopped alone would leave the others in DCP's collectives
-        failed = torch.tensor([1 if missing else 0])
+        failed = torch.tensor([1 if missing else 0], device=collective_device(group))
         dist.all_reduce(failed, group=group)
         if int(failed) and not missing:
             raise ValueError(f"{folder}: the checkpoint lacks keys other ranks need (their error names them)")

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megads.checkpoint.dcp import MODEL_PREFIX, ShardView, load_state, saved_keys
+from megads.checkpoint.dcp import MODEL_PREFIX, ShardView, collective_device, load_state, saved_keys
 from megads.parallel.executor import ParallelExecutor
 from megads.parallel.zero1 import Zero1AdamW
 
@@ -108,7 +108,9 @@ def _check_same_everywhere(obj: Any, *, what: str) -> None:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     digest = int.from_bytes(hashlib.sha256(pickle.dumps(obj)).digest()[:7], "little")
-    lo, hi = torch.tensor([digest], dtype=torch.int64), torch.tensor([digest], dtype=torch.int64)
+    device = collective_device()
+    lo = torch.tensor([digest], dtype=torch.int64, device=device)
+    hi = torch.tensor([digest], dtype=torch.int64, device=device)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     if int(lo) != int(hi):
