@@ -74,9 +74,8 @@ def test_unwritable_run_folder_is_refused_before_the_process_group(no_process_gr
 def _fake_checkpoint(run_dir: Path, cfg: TrainConfig, *, world_size: int = 1) -> Path:
     """A completed step folder whose meta.json describes `cfg` (the state files are not needed:
     every check below must refuse before anything is loaded)."""
-    from megads.train.data_source import resolve_data_config
-
     from megads.checkpoint.dcp import commit_folder
+    from megads.train.data_source import resolve_data_config
 
     tmp = run_dir / "checkpoints" / "step_00000002.tmp"
     tmp.mkdir(parents=True)
