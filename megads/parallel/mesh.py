@@ -173,6 +173,18 @@ def plan_layout(
     )
 
 
+@dataclass(frozen=True)
+class LocalGroup:
+    """A group known only by its size and this rank's place in it: no communication.
+
+    `ParallelMesh.local` fills a mesh with these to build one rank's model and optimizer state
+    without any other rank (`tools/rank_memory`); a step or a checkpoint needs real groups.
+    """
+
+    size: int
+    rank: int
+
+
 @dataclass
 class ParallelMesh:
     """Degrees, this rank's coordinates and the process groups (see the module docstring)."""
@@ -262,6 +274,29 @@ class ParallelMesh:
                 grp = dist.new_group([g(0, d), g(pp - 1, d)])
                 if d == dp_rank and (mesh.is_first_stage or mesh.is_last_stage):
                     mesh.embed_group = grp
+        return mesh
+
+    @classmethod
+    def local(cls, plan: LayoutPlan, *, rank: int) -> ParallelMesh:
+        """Rank `rank`'s coordinates with `LocalGroup`s in place of process groups (no
+        communication, no other process): for building and measuring one rank's state alone."""
+        pp, dp, ep = plan.pp, plan.dp, plan.ep
+        if not 0 <= rank < plan.world_size:
+            raise ValueError(f"rank {rank} is outside the layout's world of {plan.world_size} ranks")
+        pp_rank, dp_rank, ep_rank, edp_rank = cls.coords(rank, pp=pp, dp=dp, ep=ep)
+        g = lambda s, d: cls.global_rank(pp_rank=s, dp_rank=d, dp=dp)
+        mesh = cls(
+            rank=rank, world_size=plan.world_size, pp=pp, dp=dp, ep=ep,
+            pp_rank=pp_rank, dp_rank=dp_rank, ep_rank=ep_rank, edp_rank=edp_rank,
+            pp_group=LocalGroup(pp, pp_rank), dp_group=LocalGroup(dp, dp_rank),  # type: ignore[arg-type]
+            ep_group=LocalGroup(ep, ep_rank), edp_group=LocalGroup(dp // ep, edp_rank),  # type: ignore[arg-type]
+            world_group=LocalGroup(plan.world_size, rank),  # type: ignore[arg-type]
+            pp_ranks=[g(s, dp_rank) for s in range(pp)], dp_ranks=[g(pp_rank, d) for d in range(dp)],
+            ep_ranks=[g(pp_rank, edp_rank * ep + i) for i in range(ep)],
+            edp_ranks=[g(pp_rank, e * ep + ep_rank) for e in range(dp // ep)],
+        )
+        if pp > 1 and (mesh.is_first_stage or mesh.is_last_stage):
+            mesh.embed_group = LocalGroup(2, 0 if mesh.is_first_stage else 1)  # type: ignore[assignment]
         return mesh
 
     def describe_degrees(self) -> str:

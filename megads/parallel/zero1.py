@@ -34,14 +34,15 @@ and takes the model-parallel norm through an `mpu` object).
 With `shard=False` the same code all-reduces buckets and every rank updates everything (plain
 data parallel, for comparison).
 
-Checkpoints are keyed by parameter name, not by bucket: `state_dict()` holds, for every parameter
-this rank owns elements of, the element range [lo, hi) of the flattened parameter and the FP32
-master / moment slices of that range. `load_state_dict(states)` rebuilds the current layout's
-shard from the saved pieces of the ranks in its groups (`state_peer_ranks()`), so
-`parallel.bucket_numel`, `parallel.moments_dtype` and `parallel.zero1` may change between a save
-and a resume; the pipeline / expert layout and the world size may not (the trainer refuses them).
-The hyper-parameters (lr, betas, eps, weight_decay) of the new launch stay in force; the saved ones
-are kept in `loaded_hyperparameters` for the caller to report (`hyperparameter_changes()`).
+Checkpoints are keyed by parameter name, not by bucket: `shard_views()` gives, for every
+parameter this rank owns elements of, the element range [lo, hi) of the flattened parameter and
+views of the FP32 master / moment slices of that range; megads.checkpoint writes them as slices
+of one 1-D tensor per parameter and state, and a load fills the current layout's views from
+whatever layout saved them, then `restore()` sets the step count and all-gathers the parameters.
+So `parallel.bucket_numel`, `parallel.moments_dtype`, `parallel.zero1`, dp, ep and the pipeline
+split may all change between a save and a resume (docs/checkpoints.md). The hyper-parameters
+(lr, betas, eps, weight_decay) of the new launch stay in force; the saved ones are kept in
+`loaded_hyperparameters` for the caller to report (`hyperparameter_changes()`).
 
 Shapes: flat buffers are 1-D; `P` padded bucket length, `P/g` one rank's shard of it.
 """
@@ -58,21 +59,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-STATE_FORMAT = "zero1-by-name-1"  # `state_dict()` layout (the bucket-keyed one before it had no tag)
+from megads.parallel.mesh import LocalGroup
+
 _VEC = 16  # fp32 elements of one 64-byte cache line: the CPU fused AdamW kernel's vector and task unit
 _HYPER = ("lr", "betas", "eps", "weight_decay")
-
-
-@dataclass(frozen=True)
-class LocalGroup:
-    """A group known only by its size and this rank's place in it: no communication.
-
-    For building one rank's optimizer state alone (`tools/rank_memory`): the layout, shards and
-    buffers are those of the real group; a step or a checkpoint load needs a real group.
-    """
-
-    size: int
-    rank: int
 
 
 def _size_rank(group: Any) -> tuple[int, int]:
@@ -202,7 +192,7 @@ class Zero1AdamW(torch.optim.Optimizer):
         self._launched: set[tuple[int, int]] = set()
         self._reduced = False  # reduce_gradients() done for the coming step
         self._rank = dist.get_rank() if dist.is_initialized() and not isinstance(dp_group, LocalGroup) else 0
-        self.loaded_hyperparameters: dict[str, dict[str, Any]] | None = None  # set by load_state_dict
+        self.loaded_hyperparameters: dict[str, dict[str, Any]] | None = None  # set by restore()
         self._names = self._resolve_names(param_names or {})
         expert_ids = {id(p) for p in expert_params}
         tied_ids = {id(p) for p in tied_params}
@@ -536,31 +526,18 @@ class Zero1AdamW(torch.optim.Optimizer):
         return {self._group_name(gi): {k: _plain(g[k]) for k in _HYPER} for gi, g in enumerate(self.param_groups)}
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """This rank's state by parameter name, on the CPU (each rank saves its own file):
+        """Not torch's per-rank state: checkpoints store ZeRO-1 state by global parameter name
+        through `shard_views()` (megads.checkpoint.state.optimizer_entries), so that it reshards."""
+        raise NotImplementedError(
+            "Zero1AdamW state is saved by parameter name with megads.checkpoint (optimizer_entries / "
+            "training_entries), not with optimizer.state_dict()"
+        )
 
-            {"format": STATE_FORMAT, "rank": global rank, "step": optimizer steps taken,
-             "hyperparameters": {group name: {"lr", "betas", "eps", "weight_decay"}},
-             "params": {name: {"lo", "hi", "numel", "kind", "master", "exp_avg", "exp_avg_sq"}}}
-
-        An entry holds elements [lo, hi) of the flattened parameter (`numel` elements in all;
-        `kind` dense | expert | tied): the part this rank owns under its bucket layout, all of it
-        with shard=False. Parameters of which it owns nothing are left out. `master` is FP32, the
-        moments are in `moments_dtype`. Nothing in it depends on the bucket layout.
-        """
-        params: dict[str, dict[str, Any]] = {}
-        for name, own in self._owned.items():
-            if own.hi == own.lo:
-                continue
-            sp = own.space
-            sl = slice(own.flat, own.flat + own.hi - own.lo)
-            params[name] = {
-                "lo": own.lo, "hi": own.hi, "numel": own.numel, "kind": sp.kind,
-                **{key: getattr(sp, key)[sl].to("cpu", copy=True) for key in ("master", "exp_avg", "exp_avg_sq")},
-            }
-        return {
-            "format": STATE_FORMAT, "rank": self._rank, "step": self.step_count,
-            "hyperparameters": self.hyperparameters(), "params": params,
-        }
+    def load_state_dict(self, state_dict: Any) -> None:  # type: ignore[override]
+        raise NotImplementedError(
+            "load Zero1AdamW state with megads.checkpoint.state.load_training_state (fills shard_views(), "
+            "then restore())"
+        )
 
     def shard_views(self) -> dict[str, tuple[int, int, int, str, dict[str, torch.Tensor]]]:
         """name -> (lo, hi, numel, kind, {"master", "exp_avg", "exp_avg_sq": views of this rank's
@@ -591,63 +568,6 @@ class Zero1AdamW(torch.optim.Optimizer):
         self.loaded_hyperparameters = {g: dict(hp) for g, hp in hyperparameters.items()}
         self._gather_params()
 
-    def state_peer_ranks(self) -> list[int]:
-        """Global ranks whose saved states `load_state_dict` may need: this rank first, then the
-        other members of the groups its state is sharded over (dp, and edp for experts)."""
-        peers: set[int] = set()
-        for sp in self.spaces:
-            peers.update(self._group_ranks(sp.group))
-        return [self._rank, *sorted(peers - {self._rank})]
-
-    def load_state_dict(  # type: ignore[override]
-        self, states: Iterable[Mapping[str, Any]] | Mapping[str, Any]
-    ) -> dict[str, dict[str, Any]]:
-        """Rebuild this rank's shard from saved `state_dict()`s; return the saved hyper-parameters.
-
-        `states`: the states saved by the ranks of `state_peer_ranks()` (this rank's own first),
-        or any superset such as every rank's state (pieces saved by ranks outside this rank's dp
-        group, and expert pieces from outside its edp group, are skipped: they belong to another
-        stage or to other experts), or one state. It may be a lazy iterable (the checkpoint
-        loader reads one file at a time) and is consumed only until every element this rank owns
-        is filled, so a resume with an unchanged layout reads this rank's own file only. Pieces
-        are cut to the current bucket layout and cast to `moments_dtype`.
-
-        ValueError, naming the parameter, when a saved parameter does not exist here (or has
-        another kind or size), or when elements this rank owns are in none of the given states.
-        Failures are agreed over `norm_group` before the closing all-gather, so every rank raises
-        instead of the others waiting for the failed one.
-
-        The current hyper-parameters stay (a new launch's optimizer settings apply from the
-        resumed step); the saved ones go to `self.loaded_hyperparameters` and are returned, and
-        `hyperparameter_changes()` lists the differences. The step count comes from the states.
-        """
-        if isinstance(states, Mapping):
-            states = [states]
-        error: Exception | None = None
-        step, saved_hp = 0, {}
-        try:
-            step, saved_hp = self._assemble(states)
-        except Exception as e:  # a peer file that fails to read, too: raised after the agreement below
-            error = e
-        failed = torch.tensor([0.0 if error is None else 1.0], device=self._device())
-        if dist.is_initialized():
-            dist.all_reduce(failed, group=self.norm_group)
-        if error is not None:
-            raise error
-        if float(failed) > 0:
-            raise ValueError(
-                f"the optimizer state failed to load on {int(failed)} other rank(s) (their error says why); "
-                f"rank {self._rank} stops with them"
-            )
-        self.step_count = step
-        for sp in self.spaces:
-            if sp.fused is not None:
-                for st in sp.fused.inner.state.values():
-                    st["step"].fill_(step)
-        self.loaded_hyperparameters = saved_hp
-        self._gather_params()
-        return saved_hp
-
     def hyperparameter_changes(
         self, keys: Sequence[str] = ("betas", "eps", "weight_decay")
     ) -> dict[str, tuple[Any, Any]]:
@@ -667,106 +587,11 @@ class Zero1AdamW(torch.optim.Optimizer):
                     out[f"{group}.{k}"] = (a, b)
         return out
 
-    def _assemble(self, states: Iterable[Mapping[str, Any]]) -> tuple[int, dict[str, dict[str, Any]]]:
-        """Copy every saved piece that overlaps this rank's elements; (step, saved hyper-parameters)."""
-        dp_ranks = set(self._group_ranks(self.dp_group))
-        edp_ranks = set(self._group_ranks(self.edp_group))
-        filled: dict[str, list[tuple[int, int]]] = {}
-        left = {name for name, own in self._owned.items() if own.hi > own.lo}  # owned elements not filled yet
-        sources: list[int] = []
-        step: int | None = None
-        saved_hp: dict[str, dict[str, Any]] = {}
-        for state in states:
-            if state.get("format") != STATE_FORMAT:
-                raise ValueError(
-                    f"optimizer state of format {state.get('format')!r}, not {STATE_FORMAT!r} (a ZeRO-1 checkpoint "
-                    "keyed by bucket, from before by-name checkpoints): it cannot be resumed; start a new run_dir"
-                )
-            r = int(state["rank"])
-            sources.append(r)
-            if step is None:
-                step = int(state["step"])
-            elif int(state["step"]) != step:
-                raise ValueError(
-                    f"optimizer states of ranks {sources[0]} and {r} are at steps {step} and {state['step']}: "
-                    "give the files of one checkpoint"
-                )
-            if not saved_hp or r == self._rank:
-                saved_hp = {g: dict(hp) for g, hp in state["hyperparameters"].items()}
-            for name, e in state["params"].items():
-                if r not in (edp_ranks if e["kind"] == "expert" else dp_ranks):
-                    continue  # another stage's parameters, or the experts of another ep rank
-                own = self._owned.get(name)
-                if own is None:
-                    raise ValueError(
-                        f"parameter {name!r} ({e['kind']}) of the optimizer state saved by rank {r} is not a "
-                        f"parameter of rank {self._rank}'s model: the checkpoint is of another model or layout"
-                    )
-                if (own.space.kind, own.numel) != (e["kind"], e["numel"]):
-                    raise ValueError(
-                        f"parameter {name!r}: saved by rank {r} as {e['kind']} with {e['numel']} elements, here "
-                        f"{own.space.kind} with {own.numel}: the checkpoint is of another model or layout"
-                    )
-                a, b = max(own.lo, e["lo"]), min(own.hi, e["hi"])
-                if a >= b:
-                    continue
-                dst = slice(own.flat + a - own.lo, own.flat + b - own.lo)
-                src = slice(a - e["lo"], b - e["lo"])
-                for key in ("master", "exp_avg", "exp_avg_sq"):
-                    getattr(own.space, key)[dst].copy_(e[key][src])  # casts the moments to moments_dtype
-                filled.setdefault(name, []).append((a, b))
-                if name in left and _first_gap(filled[name], own.lo, own.hi) is None:
-                    left.discard(name)
-            if not left:
-                break  # everything this rank owns is filled: later files are not read
-        if step is None:
-            raise ValueError("no optimizer state given: pass the states saved by the ranks of state_peer_ranks()")
-        if left:
-            details = []
-            for name in sorted(left)[:5]:
-                own = self._owned[name]
-                gap = _first_gap(filled.get(name, []), own.lo, own.hi)
-                assert gap is not None
-                details.append(
-                    f"{name!r} ({own.space.kind}) elements [{gap[0]}, {gap[1]}) of {own.numel}"
-                    + ("" if name in filled else ", no piece at all")
-                )
-            more = f" and {len(left) - 5} more" if len(left) > 5 else ""
-            raise ValueError(
-                f"optimizer state incomplete on rank {self._rank}: no saved piece of {'; '.join(details)}{more}, "
-                f"in the states of ranks {sources}; give the states of every rank of state_peer_ranks() = "
-                f"{self.state_peer_ranks()} (a missing or foreign file?)"
-            )
-        return step, saved_hp
-
     def _device(self) -> torch.device:
         return self.spaces[0].master.device if self.spaces and self.spaces[0].master is not None else torch.device("cpu")
-
-    @staticmethod
-    def _group_ranks(group: Any) -> list[int]:
-        if isinstance(group, LocalGroup):
-            return [group.rank]
-        if not dist.is_initialized():
-            return [0]
-        if group is None:
-            return list(range(dist.get_world_size()))
-        return list(dist.get_process_group_ranks(group))
-
 
 def _plain(v: Any) -> Any:
     """A hyper-parameter as plain floats (betas a tuple), comparable and saved without tensors."""
     if isinstance(v, (tuple, list)):
         return tuple(float(x) for x in v)
     return float(v)
-
-
-def _first_gap(pieces: Sequence[tuple[int, int]], lo: int, hi: int) -> tuple[int, int] | None:
-    """The first sub-range of [lo, hi) that no piece covers, or None."""
-    at = lo
-    for a, b in sorted(pieces):
-        if a > at:
-            return at, min(a, hi)
-        at = max(at, b)
-        if at >= hi:
-            return None
-    return (at, hi) if at < hi else None
