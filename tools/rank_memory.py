@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from megads.pipeline.schedules import build_schedule, min_microbatches
 
 from megads.parallel.executor import ParallelExecutor
 from megads.parallel.memory import FP32, RankParams, Zero1Bytes, rank_parameters
 from megads.parallel.mesh import ParallelMesh
 from megads.parallel.stages import piece_specs, rank_pieces
-from megads.pipeline.schedules import build_schedule, min_microbatches
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 1 << 30
@@ -134,7 +134,9 @@ def compare(cfg: Any, plan: Any, mesh: ParallelMesh, measured: dict[str, Any]) -
         z = measured["zero1"].get(kind)
         n = getattr(params, kind)
         if z is None:
-            rows.append({"what": f"zero1 {kind}", "measured": 0, "analytic": n * 0, "extra": 0})
+            # no space of this kind: right only when the rank holds no such parameter
+            a0 = Zero1Bytes(numel=n, group_size=1, padding=0, moments_bytes=moments).total
+            rows.append({"what": f"zero1 {kind}", "measured": 0, "analytic": a0, "extra": 0})
             continue
         g = (mesh.edp if kind == "expert" else mesh.dp) if cfg.parallel.zero1 else 1
         a = Zero1Bytes(numel=n, group_size=g, padding=z["padding"], moments_bytes=moments)

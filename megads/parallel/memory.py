@@ -106,11 +106,3 @@ class Zero1Bytes:
     @property
     def total(self) -> int:
         return self.master + self.moments + self.grad_shard
-
-
-def parameter_bytes(params: RankParams) -> int:
-    return params.total * FP32
-
-
-def gradient_bytes(params: RankParams) -> int:
-    return params.total * FP32
