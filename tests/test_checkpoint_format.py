@@ -131,3 +131,38 @@ def test_async_save_writes_the_state_of_the_save_call(tmp_path: Path) -> None:
     spawn(2, _async_worker, str(tmp_path))
     w = read_tensors(verify_folder(tmp_path / "step_00000001") and tmp_path / "step_00000001")["w"]
     assert torch.equal(w[:256], torch.zeros(256, 256)) and torch.equal(w[256:], torch.ones(256, 256))
+
+
+# ---------------------------------------------------------------------------------------- replicas
+def _replica_worker(rank: int, world: int, root: str) -> None:
+    from megads.checkpoint.state import training_entries
+    from megads.parallel.executor import ParallelExecutor
+    from megads.parallel.mesh import ParallelMesh
+    from megads.testing.parallel import LayoutSpec, plan_spec
+
+    cfg = tiny_config()
+    spec = LayoutSpec(pp=2, ep=1, schedule="dualpipe")  # both ranks hold both pieces: all state twice
+    plan = plan_spec(cfg, spec, world=world)
+    ex = ParallelExecutor(cfg, mesh=ParallelMesh.build(plan), plan=plan, schedule=spec.schedule, seed=3)
+    entries = training_entries(ex, step=1, tokens=0.0, loader_state={"windows": 0})
+    CheckpointWriter(Path(root), keep_last=0).save(1, entries, meta={"step": 1})
+
+
+def test_replicated_state_is_written_once(tmp_path: Path) -> None:
+    """DualPipe's two replicas of every piece (and their identical optimizer states) offer the
+    same tensors from both ranks: each is written once (DCP's dedup of replicated writes), by
+    one of the two ranks, not once per replica."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    spawn(2, _replica_worker, str(tmp_path))
+    folder = completed_steps(tmp_path)[-1]
+    md = FileSystemReader(str(folder)).read_metadata()
+    files = {p.name: p.stat().st_size for p in folder.glob("*.distcp")}
+    # every byte of the data files belongs to exactly one indexed chunk: a second copy of a
+    # tensor would be bytes that no index entry points at
+    assert sum(files.values()) == sum(info.length for info in md.storage_data.values())
+    model_keys = [k for k in md.state_dict_metadata if k.startswith("model.")]
+    model_chunks = [idx for idx in md.storage_data if idx.fqn.startswith("model.")]
+    assert len(model_chunks) == len(model_keys) > 20  # one box per tensor (ep = 1)
+    writers = {str(md.storage_data[idx].relative_path) for idx in model_chunks}
+    assert writers == set(files) and len(files) == 2  # the replicas split the writing

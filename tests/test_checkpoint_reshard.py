@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from megads.parallel.executor import OptimSettings
 from megads.testing.parallel import (
@@ -39,12 +38,7 @@ OPTIM = OptimSettings(lr=1e-3, weight_decay=0.1, max_grad_norm=0.2, bias_update_
 def setup() -> dict[str, Any]:
     cfg = tiny_config()
     batches = make_batches(cfg, steps=STEPS_A + STEPS_B, global_batch=8, seq_len=16)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ref = reference_run(cfg, batches=batches, micro_batch_size=MBS, mtp_weight=MTP_WEIGHT, optim=OPTIM, seed=SEED)
-    finally:
-        torch.set_num_threads(threads)
+    ref = reference_run(cfg, batches=batches, micro_batch_size=MBS, mtp_weight=MTP_WEIGHT, optim=OPTIM, seed=SEED)
     assert any(norm > OPTIM.max_grad_norm for _, norm in ref["losses"])  # clipping is active
     return {"cfg": cfg, "batches": batches, "ref": ref}
 

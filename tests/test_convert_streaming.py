@@ -10,9 +10,7 @@ writer writes, and write what our reader reads).
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -38,12 +36,7 @@ SHARD = 40_000  # bytes: several shards even for the test model
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:

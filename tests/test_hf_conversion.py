@@ -11,8 +11,6 @@ end to end against transformers and in tests/test_convert_streaming.py bit for b
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 import zlib
 from pathlib import Path
 
@@ -45,12 +43,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def make_hf_model(seed: int, **overrides) -> DeepseekV3ForCausalLM:

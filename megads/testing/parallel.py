@@ -11,10 +11,11 @@ Shapes: G global batch sequences, T sequence, E routed experts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from megads.model.config import ModelConfig
 from megads.model.transformer import DeepseekV3
 from megads.parallel.config import pieces_per_rank
 from megads.parallel.executor import OptimSettings, ParallelExecutor, router_slots
-from megads.parallel.mesh import ParallelMesh, plan_layout
+from megads.parallel.mesh import LayoutPlan, ParallelMesh, plan_layout
 from megads.testing.launch import free_port
 
 
@@ -100,6 +101,16 @@ def reference_model_and_optimizer(
     return model, opt
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def reference_run(
     cfg: ModelConfig,
     *,
@@ -109,28 +120,30 @@ def reference_run(
     optim: OptimSettings,
     seed: int,
 ) -> dict[str, Any]:
-    """The same steps on one process: torch.optim.AdamW, clip_grad_norm_, same micro-batches."""
-    model, opt = reference_model_and_optimizer(cfg, optim=optim, seed=seed)
-    slots = router_slots(model, cfg=cfg)
-    losses = []
-    for ids_GT, labels_GT in batches:
-        G = ids_GT.shape[0]
-        M = G // micro_batch_size
-        total = 0.0
-        for i in range(0, G, micro_batch_size):
-            out = model.compute_loss(ids_GT[i : i + micro_batch_size], labels_GT[i : i + micro_batch_size], mtp_weight=mtp_weight)
-            (out.total / M).backward()
-            total += float(out.total.detach()) / M
-        norm = clip_grad_norm_fp64(model.parameters(), optim.max_grad_norm) if optim.max_grad_norm > 0 else None
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_expert_bias(model, gamma=optim.bias_update_speed)
-        losses.append((total, float(norm) if norm is not None else float("nan")))
-    return {
-        "losses": losses,
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "biases": {s: r.e_score_correction_bias.clone() for s, r in slots.items()},
-    }
+    """The same steps on one process: torch.optim.AdamW, clip_grad_norm_, same micro-batches;
+    on one thread, as every spawned rank runs (`_entry`)."""
+    with one_thread():
+        model, opt = reference_model_and_optimizer(cfg, optim=optim, seed=seed)
+        slots = router_slots(model, cfg=cfg)
+        losses = []
+        for ids_GT, labels_GT in batches:
+            G = ids_GT.shape[0]
+            M = G // micro_batch_size
+            total = 0.0
+            for i in range(0, G, micro_batch_size):
+                out = model.compute_loss(ids_GT[i : i + micro_batch_size], labels_GT[i : i + micro_batch_size], mtp_weight=mtp_weight)
+                (out.total / M).backward()
+                total += float(out.total.detach()) / M
+            norm = clip_grad_norm_fp64(model.parameters(), optim.max_grad_norm) if optim.max_grad_norm > 0 else None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            update_expert_bias(model, gamma=optim.bias_update_speed)
+            losses.append((total, float(norm) if norm is not None else float("nan")))
+        return {
+            "losses": losses,
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "biases": {s: r.e_score_correction_bias.clone() for s, r in slots.items()},
+        }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,6 +183,14 @@ def private_mib() -> float:
         return float("nan")
 
 
+def plan_spec(cfg: ModelConfig, spec: LayoutSpec, *, world: int) -> LayoutPlan:
+    return plan_layout(
+        world_size=world, pp=spec.pp, ep=spec.ep, num_layers=cfg.num_hidden_layers,
+        n_routed_experts=cfg.n_routed_experts, n_group=cfg.n_group, topk_group=cfg.topk_group,
+        ranks_per_node=spec.ranks_per_node, node_limit=4, pieces_per_rank=pieces_per_rank(spec.schedule),
+    )
+
+
 def equivalence_worker(
     rank: int,
     world: int,
@@ -183,12 +204,7 @@ def equivalence_worker(
     outdir: str,
 ) -> None:
     for spec in layouts:
-        plan = plan_layout(
-            world_size=world, pp=spec.pp, ep=spec.ep, num_layers=cfg.num_hidden_layers,
-            n_routed_experts=cfg.n_routed_experts, n_group=cfg.n_group, topk_group=cfg.topk_group,
-            ranks_per_node=spec.ranks_per_node, node_limit=4,
-            pieces_per_rank=pieces_per_rank(spec.schedule),
-        )
+        plan = plan_spec(cfg, spec, world=world)
         mesh = ParallelMesh.build(plan)
         ex = ParallelExecutor(
             cfg, mesh=mesh, plan=plan, schedule=spec.schedule, micro_batch_size=micro_batch_size,
@@ -286,11 +302,7 @@ def checkpoint_worker(
     from megads.checkpoint.state import load_training_state, training_entries
     from megads.checkpoint.writer import CheckpointWriter
 
-    plan = plan_layout(
-        world_size=world, pp=spec.pp, ep=spec.ep, num_layers=cfg.num_hidden_layers,
-        n_routed_experts=cfg.n_routed_experts, n_group=cfg.n_group, topk_group=cfg.topk_group,
-        pieces_per_rank=pieces_per_rank(spec.schedule),
-    )
+    plan = plan_spec(cfg, spec, world=world)
     mesh = ParallelMesh.build(plan)
     ex = ParallelExecutor(
         cfg, mesh=mesh, plan=plan, schedule=spec.schedule, micro_batch_size=micro_batch_size, seed=seed,
