@@ -95,6 +95,38 @@ def test_model_presets() -> None:
     assert 100e6 <= small.total <= 300e6
 
 
+YARN_CLI = "{type:yarn,factor:4.0,original_max_position_embeddings:64,beta_fast:32,beta_slow:1,mscale:1.0,mscale_all_dim:1.0}"
+
+
+def test_rope_scaling_is_settable_from_the_command_line() -> None:
+    """Issue 13, item 0: a whole YaRN dict, or field by field, merges into the presets' plain-RoPE
+    node (`{type: none}` -> None); `null` still switches it off."""
+    from megads.model.config import RopeScalingConfig
+
+    assert _compose("model=tiny").model.rope_scaling is None
+    whole = _compose("model=tiny", f"model.rope_scaling={YARN_CLI}").model
+    assert whole.rope_scaling == RopeScalingConfig(type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                                   beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+    whole.validate()
+    by_field = _compose("model=small", "model.rope_scaling.type=yarn", "model.rope_scaling.factor=8").model
+    assert by_field.rope_scaling == RopeScalingConfig(type="yarn", factor=8.0)
+    assert by_field.softmax_scale() > by_field.replace(rope_scaling=None).softmax_scale()  # mscale^2 > 1
+    assert _compose("model=tiny", f"model.rope_scaling={YARN_CLI}", "model.rope_scaling=null").model.rope_scaling is None
+
+
+@pytest.mark.parametrize("override", ["model.rope_scaling={type:yarn,factr:4}", "model.rope_scaling.factr=4"])
+def test_rope_scaling_refuses_a_wrong_key_by_name(override: str) -> None:
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose("model=tiny", override)
+    assert "Key 'factr' not in 'RopeScalingConfig'" in str(e.value.__cause__)
+
+
+def test_rope_scaling_of_an_unknown_type_is_refused() -> None:
+    cfg = _compose("model=tiny", "model.rope_scaling.type=linear").model
+    with pytest.raises(ValueError, match="model.rope_scaling.type='linear': only 'yarn' is supported"):
+        cfg.validate()
+
+
 @pytest.mark.parametrize("override", ["optim.bogus=1", "schedule.warmup=3", "model.hidden=3", "bogus=1"])
 def test_unknown_key_fails(override: str) -> None:
     with pytest.raises(ConfigCompositionException):

@@ -20,9 +20,16 @@ from typing import Any
 
 @dataclass
 class RopeScalingConfig:
-    """YaRN context extension (the `rope_scaling` block of the public config.json)."""
+    """YaRN context extension (the `rope_scaling` block of the public config.json).
 
-    type: str = "yarn"
+    `type: none` means no scaling: `ModelConfig` turns it into `rope_scaling=None`. The Hydra
+    presets hold that form rather than `null` because OmegaConf cannot merge a command-line dict
+    (`model.rope_scaling={type:yarn,factor:4.0,...}`) into a null node; into `{type: none}` it
+    merges, field by field (`model.rope_scaling.type=yarn model.rope_scaling.factor=4`) too, and a
+    key that is not a field below is refused by name.
+    """
+
+    type: str = "yarn"  # yarn | none
     factor: float = 40.0
     original_max_position_embeddings: int = 4096
     beta_fast: float = 32.0
@@ -62,7 +69,8 @@ class ModelConfig:
     initializer_range: float = 0.006
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: RopeScalingConfig | None = None
+    # None (or type "none", the presets' mergeable form) = plain RoPE; see RopeScalingConfig
+    rope_scaling: RopeScalingConfig | None = field(default_factory=lambda: RopeScalingConfig(type="none"))
     # Layout of the rope rows in Hugging Face checkpoints (interleaved pairs). Our model always
     # computes with the half-split layout; conversion permutes rows when this is true.
     rope_interleave: bool = True
@@ -74,6 +82,12 @@ class ModelConfig:
     # --- training-only fields (not part of the HF config) ---
     # Weight alpha of the complementary sequence-wise balance loss (SPEC: 1e-4).
     seq_aux_loss_alpha: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScalingConfig(**self.rope_scaling)
+        if self.rope_scaling is not None and self.rope_scaling.type == "none":
+            self.rope_scaling = None
 
     # ------------------------------------------------------------------ derived
     @property
@@ -154,7 +168,7 @@ class ModelConfig:
         rs = self.rope_scaling
         if rs is not None:
             if rs.type != "yarn":
-                errors.append(f"model.rope_scaling.type={rs.type!r}: only 'yarn' is supported (or null)")
+                errors.append(f"model.rope_scaling.type={rs.type!r}: only 'yarn' is supported (or 'none' / null: plain RoPE)")
             if rs.factor < 1.0:
                 errors.append(f"model.rope_scaling.factor={rs.factor} must be >= 1")
         if errors:

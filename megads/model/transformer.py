@@ -19,20 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megads.model.block import RopeCache, TransformerBlock
 from megads.model.config import ModelConfig
 from megads.model.init import init_parameters
 from megads.model.linear import LinearFactory
+from megads.model.loss import cross_entropy, head_cross_entropy
 from megads.model.mtp import MTPModule
 from megads.model.norm import RMSNorm
 from megads.model.rope import RotaryEmbedding
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -49,13 +48,6 @@ class LossOutput:
     lm: torch.Tensor  # main next-token cross entropy (detached)
     mtp: torch.Tensor  # mean over depths of the MTP cross entropies (detached; 0 without MTP)
     balance: torch.Tensor  # sequence-wise balance loss, summed over layers (detached)
-
-
-def cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Mean token cross entropy in float32, ignoring IGNORE_INDEX labels."""
-    return F.cross_entropy(
-        logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), labels_BT.reshape(-1), ignore_index=IGNORE_INDEX
-    )
 
 
 def draw_init_seed(generator: torch.Generator | None = None) -> int:
@@ -83,6 +75,9 @@ class DeepseekV3(nn.Module):
             {str(k): MTPModule(cfg, depth=k + 1, factory=factory) for k in range(cfg.num_nextn_predict_layers)}
         )
         self.rotary = RotaryEmbedding(cfg)
+        # > 0: the LM and MTP cross entropies in chunks of this many tokens (megads.model.loss);
+        # an execution setting, not architecture (set from the trainer's memory.loss_chunk_tokens)
+        self.loss_chunk_tokens = 0
         self.init_weights()
 
     # ------------------------------------------------------------------ init
@@ -159,8 +154,24 @@ class DeepseekV3(nn.Module):
         return ModelOutput(logits=logits_BTV, hidden_states=h_BTD, mtp_logits=mtp_logits, balance_loss=balance)
 
     def compute_loss(self, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor, *, mtp_weight: float) -> LossOutput:
-        out = self(input_ids_BT, with_mtp=mtp_weight > 0)
-        return loss_from_output(out, labels_BT, mtp_weight=mtp_weight)
+        """The training loss, without materialising logits beyond `loss_chunk_tokens` at a time
+        when that is set (the same numbers as `loss_from_output(self(...))` otherwise)."""
+        T = input_ids_BT.shape[1]
+        h_BTD = self.embed(input_ids_BT)
+        rope = self.rope(T, device=h_BTD.device, dtype=h_BTD.dtype)
+        h_BTD, balance = self.run_layers(h_BTD, rope)
+        n = self.loss_chunk_tokens
+        lm = head_cross_entropy(self.head, h_BTD, labels_BT, chunk_tokens=n)
+        mtp_ce: list[torch.Tensor] = []
+        if mtp_weight > 0 and self.mtp:
+            mtp_balance = h_BTD.new_zeros((), dtype=torch.float32)
+            for k, module in self.mtp_depths(T):
+                x_BTD, rope_k = self.mtp_input(module, k, h_BTD, input_ids_BT, rope)
+                h_BTD, b = module.block(x_BTD, rope_k)
+                mtp_ce.append(head_cross_entropy(partial(self.mtp_head, module), h_BTD, labels_BT[:, k:], chunk_tokens=n))
+                mtp_balance = mtp_balance + b
+            balance = balance + mtp_balance
+        return total_loss(lm=lm, mtp_ce=mtp_ce, balance=balance, mtp_weight=mtp_weight)
 
 
 def total_loss(

@@ -127,11 +127,13 @@ class ParallelExecutor:
         overlap_fb: bool = False,
         stage_cls: type[DeepseekStage] = DeepseekStage,
         init: bool = True,
+        loss_chunk_tokens: int = 0,
     ) -> None:
         """`overlap_fb`: the stage cuts its graph at the expert all-to-alls and its F&B actions
         overlap them with the other chunk's compute (`DeepseekStage(overlap=True)`); `stage_cls`
         lets a tool run a subclass of the stage (the overlap benchmark's sequential peer). `init`:
-        see `build_stage_model` (False: uninitialised parameters, for a load or a measurement)."""
+        see `build_stage_model` (False: uninitialised parameters, for a load or a measurement).
+        `loss_chunk_tokens`: the cross entropies in chunks (megads.model.loss; 0 = whole)."""
         self.cfg = cfg
         self.overlap_fb = overlap_fb
         self.stage_cls = stage_cls
@@ -153,6 +155,7 @@ class ParallelExecutor:
         self.specs = [specs_all[p] for p in rank_pieces(layout, rank=mesh.pp_rank)]
         self.model = build_stage_model(cfg, specs=self.specs, seed=seed, dtype=dtype, device=self.device,
                                        ep_size=mesh.ep, ep_rank=mesh.ep_rank, init=init)
+        self.model.loss_chunk_tokens = loss_chunk_tokens
         self.expert_names = expert_names = set(
             shard_experts(self.model, group=mesh.ep_group, ep_size=mesh.ep, ep_rank=mesh.ep_rank,
                           ranks_per_node=plan.ranks_per_node)

@@ -43,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Generator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -52,10 +53,11 @@ from torch import nn
 from megads.model.block import RopeCache, TransformerBlock
 from megads.model.config import ModelConfig
 from megads.model.dispatch import DispatchResult
+from megads.model.loss import head_cross_entropy
 from megads.model.moe import MoE
 from megads.model.rope import RotaryEmbedding
 from megads.model.router import Router
-from megads.model.transformer import DeepseekV3, cross_entropy, draw_init_seed, total_loss
+from megads.model.transformer import DeepseekV3, draw_init_seed, total_loss
 from megads.parallel.expert_parallel import AllToAllDispatcher, keep_expert_shard
 from megads.parallel.overlap_stage import Reverse, Steps, Tape, drive, weight_grads
 from megads.pipeline.actions import Layout
@@ -336,7 +338,7 @@ class DeepseekStage(StageBase):
             self._tapes[(chunk, mb)] = tape
             return h_BTD
         # last piece: head and CE, then the MTP depths (their blocks cut like the main ones)
-        c.lm = cross_entropy(m.head(c.h_BTD), labels_BT)
+        c.lm = head_cross_entropy(m.head, c.h_BTD, labels_BT, chunk_tokens=m.loss_chunk_tokens)
         use_mtp = self.mtp_weight > 0 and bool(m.mtp)
         if use_mtp:
             c.mtp_balance = c.h_BTD.new_zeros((), dtype=torch.float32)
@@ -345,7 +347,8 @@ class DeepseekStage(StageBase):
                 c.h_BTD = x_BTD
                 c, b = yield from self._block_steps(tape, module.block, c, rope=rope_k)
                 c.mtp_balance = c.mtp_balance + b
-                c.mtp_ce.append(cross_entropy(m.mtp_head(module, c.h_BTD), labels_BT[:, k:]))
+                c.mtp_ce.append(head_cross_entropy(partial(m.mtp_head, module), c.h_BTD, labels_BT[:, k:],
+                                                   chunk_tokens=m.loss_chunk_tokens))
         balance = c.balance + c.mtp_balance if c.mtp_balance is not None else c.balance
         assert c.lm is not None
         loss = total_loss(lm=c.lm, mtp_ce=c.mtp_ce, balance=balance, mtp_weight=self.mtp_weight)

@@ -125,6 +125,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """How a step trades compute for memory (no effect on the numbers: not in the run
+    fingerprint, free to change on resume)."""
+
+    # > 0: the LM and MTP cross entropies in chunks of this many tokens, each recomputed in the
+    # backward, so at most [chunk, vocab] logits exist at once (megads.model.loss); 0 = whole
+    loss_chunk_tokens: int = 0
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: Any = field(default_factory=dict)  # typed by megads.train.data_source.resolve_data_config
@@ -133,6 +143,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     seed: int = 1234
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 (autocast, fp32 master weights)
     seq_len: int = 4096
@@ -256,6 +267,8 @@ def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
         except ValueError as e:
             errors.append(str(e))
     o, s = cfg.optim, cfg.schedule
+    if cfg.memory.loss_chunk_tokens < 0:
+        errors.append(f"memory.loss_chunk_tokens={cfg.memory.loss_chunk_tokens} must be >= 0 (0 = the whole sequence)")
     if o.name != "adamw":
         errors.append(f"optim.name={o.name!r}: only 'adamw' is implemented")
     if not o.lr > 0:
