@@ -134,6 +134,15 @@ def load_training_state(folder: str | Path, ex: ParallelExecutor) -> dict[str, A
             "rng": entries[rng_key] if have_rng else None}
 
 
+def load_model_and_optimizer(folder: str | Path, ex: ParallelExecutor) -> None:
+    """The next stage of a staged run: model and optimizer state (moments, step count) from the
+    previous stage's final checkpoint, of any layout; the schedule, data and RNG start afresh."""
+    entries: dict[str, Any] = {**model_entries(ex), **optimizer_entries(ex), "optim.meta": None}
+    load_state(folder, entries)
+    meta = entries["optim.meta"]
+    ex.optimizer.restore(step=int(meta["step"]), hyperparameters=meta["hyperparameters"])
+
+
 def load_model_weights(folder: str | Path, ex: ParallelExecutor) -> None:
     """Weights only (`checkpoint.init_from` a megads checkpoint, of any layout): the model's
     tensors from `folder`, then a fresh optimizer on them."""

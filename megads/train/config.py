@@ -125,6 +125,32 @@ class CheckpointConfig:
 
 
 @dataclass
+class StageSpec:
+    """One stage of a staged run (docs/training.md, "Staged runs")."""
+
+    name: str = "???"
+    # value overrides of the run's config for this stage, in Hydra's override syntax
+    # (`seq_len=32768`, `model.rope_scaling={type:yarn,factor:40,...}`, `optim.lr=7.3e-6`,
+    # `schedule.train_steps=1000`, `parallel.pp=8`); group choices (`model=small`) are not allowed
+    overrides: list[str] = field(default_factory=list)
+    # true: the stage starts from the previous stage's model *and* optimizer state (moments, step
+    # count); false: from its weights only (a fresh optimizer). Schedule and data always start
+    # afresh: the stage has its own.
+    carry_optimizer: bool = True
+
+
+@dataclass
+class StagesConfig:
+    """Hydra group `stages`: an empty list is a single-stage run (everything as without stages)."""
+
+    list: list[StageSpec] = field(default_factory=list)
+    # start the run at this stage (by name), e.g. one Slurm job per stage: earlier stages are not
+    # run and this one starts from checkpoint.init_from (null: the first unfinished stage)
+    start: str | None = None
+    stop: str | None = None  # end the job after this stage (null: after the last)
+
+
+@dataclass
 class MemoryConfig:
     """How a step trades compute for memory (no effect on the numbers: not in the run
     fingerprint, free to change on resume)."""
@@ -144,6 +170,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
     seed: int = 1234
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 (autocast, fp32 master weights)
     seq_len: int = 4096
@@ -162,6 +189,7 @@ def register_configs() -> None:
     cs.store(group="schedule", name="schedule_schema", node=ScheduleConfig)
     cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
     cs.store(group="logging", name="logging_schema", node=LoggingConfig)
+    cs.store(group="stages", name="stages_schema", node=StagesConfig)
 
 
 def default_run_name(explicit: str | None, model: str | None, schedule: str | None) -> str:

@@ -104,8 +104,9 @@ def _save_png(fig: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_loss(history: list[dict[str, float]], path: Path) -> Path | None:
-    """Loss curves (total, LM, MTP) and the learning rate against tokens."""
+def plot_loss(history: list[dict[str, float]], path: Path, *, boundaries: list[tuple[float, str]] | None = None) -> Path | None:
+    """Loss curves (total, LM, MTP) and the learning rate against tokens; `boundaries`: (token
+    position, stage name) of each stage's start in a staged run, drawn as labelled lines."""
     if not history:
         return None
     import matplotlib
@@ -126,6 +127,10 @@ def plot_loss(history: list[dict[str, float]], path: Path) -> Path | None:
     ax.set_xlabel("tokens")
     ax.set_ylabel("cross entropy (nats)")
     ax.grid(alpha=0.3)
+    for at, name in boundaries or []:
+        ax.axvline(at, color="k", lw=0.8, ls=":")
+        ax.annotate(name, (at, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8)
     ax2 = ax.twinx()
     ax2.plot(tokens, [h["lr"] for h in history], color="gray", ls="--", lw=0.8, label="lr")
     ax2.set_ylabel("learning rate")

@@ -34,7 +34,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megads.checkpoint.state import load_model_weights, load_training_state, set_rng_state, training_entries
+from megads.checkpoint.state import (
+    load_model_and_optimizer,
+    load_model_weights,
+    load_training_state,
+    set_rng_state,
+    training_entries,
+)
 from megads.checkpoint.writer import CheckpointWriter
 from megads.model import count_parameters
 from megads.parallel.executor import OptimSettings, ParallelExecutor, StepMetrics
@@ -62,6 +68,7 @@ from megads.train.schedule import (
     plan_run,
     ramp_note,
 )
+from megads.train.stages import Stage, mark_stage_done, plan_stages, stage_done
 
 log = logging.getLogger("megads.train")
 
@@ -200,20 +207,25 @@ def train(
     """Run (or resume) the training job `cfg` on this rank; collective under torchrun / srun.
 
     `job_dir` is the Hydra job's output folder (hydra.run.dir, or the sweep job's folder under
-    hydra.sweep.dir); an explicit `run_dir` wins over it.
+    hydra.sweep.dir); an explicit `run_dir` wins over it. With a stage list (`stages=...`) the
+    stages run one after the other in this process group (megads.train.stages); the result is
+    the last stage's.
     """
     exit_when_launcher_dies()  # a torchrun worker ends when torchrun dies (no-op for srun / one process)
     env = read_dist_env()
     validate_config(cfg, world_size=env.world_size)
-    data_cfg = resolve_data_config(cfg.data, check_paths=True)
-    device = resolve_device(cfg, env)
-    autocast_dtype = resolve_precision(cfg, device)
     run_name = cfg.logging.run_name or run_name or "run"
     run_dir = resolve_run_dir(cfg, job_dir=job_dir, run_name=run_name)
-    ckpt_dir = Path(cfg.checkpoint.dir).absolute() if cfg.checkpoint.dir else run_dir / "checkpoints"
-    fingerprint = run_fingerprint(cfg, data_cfg)
-    resume_from: Path | None = None
-    changed_settings: list[str] = []
+    stages = plan_stages(cfg, run_dir=run_dir)
+    for st in stages:  # every stage's config is checked before any process group starts
+        try:
+            validate_config(st.cfg, world_size=env.world_size)
+            resolve_data_config(st.cfg.data, check_paths=True)
+        except ConfigError as e:
+            raise ConfigError(f"stage {st.name!r} (stages.list[{st.index}]): {e}") from None
+    data_cfg = resolve_data_config(cfg.data, check_paths=True)
+    device = resolve_device(cfg, env)
+    pre: _Preflight | None = None
     lock = RunFolderLock(run_dir, rank=env.rank)  # taken by rank 0 only: one launch per run folder
     try:
         if env.rank == 0:
@@ -222,11 +234,8 @@ def train(
             # writes nothing into the folder.
             check_writable(run_dir, what="the run folder")
             lock.acquire()
-            resume_from = find_resume(cfg, ckpt_dir=ckpt_dir)
-            if resume_from is not None:
-                changed_settings = check_resume(cfg, resume_from=resume_from, world_size=env.world_size,
-                                                fingerprint=fingerprint)
-            check_writable(ckpt_dir, what="the checkpoint folder")
+            if not stages:
+                pre = _preflight(cfg, run_dir=run_dir, data_cfg=data_cfg, world_size=env.world_size)
 
         if device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
@@ -234,14 +243,14 @@ def train(
             torch.cuda.set_device(device)
         init_distributed(backend=cfg.parallel.resolve_backend(cuda=device.type == "cuda"), env=env)
         try:
-            # rank 0's answers for every rank (its clock and file system view decide)
-            shared = [run_dir, ckpt_dir, resume_from, changed_settings]
+            if stages:
+                return _train_stages(stages, env=env, device=device, run_name=run_name, run_dir=run_dir)
+            shared = [run_dir, pre]  # rank 0's answers for every rank (its clock and file system view decide)
             dist.broadcast_object_list(shared, src=0)
-            run_dir, ckpt_dir, resume_from, changed_settings = shared
-            return _train(cfg, env=env, device=device, autocast_dtype=autocast_dtype, data_cfg=data_cfg,
-                          run_name=run_name, run_dir=run_dir, ckpt_dir=ckpt_dir, resume_from=resume_from,
-                          changed_settings=changed_settings, resolved_yaml=resolved_yaml,
-                          fingerprint=fingerprint)
+            run_dir, pre = shared
+            assert pre is not None
+            return _train(cfg, env=env, device=device, data_cfg=data_cfg, run_name=run_name, run_dir=run_dir,
+                          pre=pre, resolved_yaml=resolved_yaml)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -249,11 +258,108 @@ def train(
         lock.release()
 
 
-def _train(
-    cfg: TrainConfig, *, env: DistEnv, device: torch.device, autocast_dtype: torch.dtype | None,
-    data_cfg: Any, run_name: str, run_dir: Path, ckpt_dir: Path, resume_from: Path | None,
-    changed_settings: list[str], resolved_yaml: str | None, fingerprint: str,
+@dataclass
+class _Preflight:
+    """What rank 0 found for one run folder before training it (shared with every rank)."""
+
+    ckpt_dir: Path
+    fingerprint: str
+    resume_from: Path | None = None
+    changed_settings: list[str] = field(default_factory=list)
+
+
+def _preflight(cfg: TrainConfig, *, run_dir: Path, data_cfg: Any, world_size: int) -> _Preflight:
+    """Rank 0: the checkpoint folder, the checkpoint to resume from and its checks (ConfigError)."""
+    ckpt_dir = Path(cfg.checkpoint.dir).absolute() if cfg.checkpoint.dir else run_dir / "checkpoints"
+    pre = _Preflight(ckpt_dir=ckpt_dir, fingerprint=run_fingerprint(cfg, data_cfg))
+    pre.resume_from = find_resume(cfg, ckpt_dir=ckpt_dir)
+    if pre.resume_from is not None:
+        pre.changed_settings = check_resume(cfg, resume_from=pre.resume_from, world_size=world_size,
+                                            fingerprint=pre.fingerprint)
+    check_writable(ckpt_dir, what="the checkpoint folder")
+    return pre
+
+
+def _on_rank0(fn: Any) -> Any:
+    """fn() on rank 0, its result (or its ConfigError, raised on every rank) on all ranks."""
+    box: list[Any] = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except ConfigError as e:
+            box[1] = str(e)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise ConfigError(box[1])
+    return box[0]
+
+
+def _train_stages(
+    stages: list[Stage], *, env: DistEnv, device: torch.device, run_name: str, run_dir: Path,
 ) -> TrainResult:
+    """Each stage of `stages` in order: skip the finished ones, resume the first unfinished one
+    from its own checkpoint or start it from the previous stage's final one (megads.train.stages)."""
+    say = log.info if env.rank == 0 else (lambda *a, **k: None)
+    prev: Path | None = None
+    result: TrainResult | None = None
+    say(f"staged run {run_name!r}: " + " -> ".join(f"{s.name} (seq_len {s.cfg.seq_len})" for s in stages))
+    for i, st in enumerate(stages):
+        done = _on_rank0(lambda st=st: stage_done(st.run_dir))
+        if done is not None:
+            prev = Path(done["checkpoint"])
+            say(f"stage {st.name}: complete ({done['steps']} steps), skipped; its final checkpoint {prev}")
+            continue
+        data_cfg = resolve_data_config(st.cfg.data, check_paths=True)
+        pre = _on_rank0(lambda st=st, data_cfg=data_cfg: _preflight(
+            st.cfg, run_dir=st.run_dir, data_cfg=data_cfg, world_size=env.world_size))
+        start: tuple[Path, bool] | None = None
+        scfg = st.cfg
+        if pre.resume_from is None:
+            if prev is not None:
+                start = (prev, st.spec.carry_optimizer)
+            elif i == 0 and st.index > 0 and scfg.checkpoint.init_from:  # stages.start: a job of its own
+                start = (Path(scfg.checkpoint.init_from), st.spec.carry_optimizer)
+            if start is not None:
+                scfg = dataclasses.replace(scfg, checkpoint=dataclasses.replace(scfg.checkpoint, init_from=None))
+        say(f"stage {st.name} ({st.index + 1}/{len(stages) + stages[0].index}): "
+            + (f"resuming from {pre.resume_from}" if pre.resume_from is not None else
+               f"starting from {start[0]} ({'model and optimizer' if start[1] else 'weights only'})" if start else
+               "starting afresh"))
+        result = _train(scfg, env=env, device=device, data_cfg=data_cfg, run_name=f"{run_name}-{st.name}",
+                        run_dir=st.run_dir, pre=pre, resolved_yaml=None, start_from=start, stage=st.name)
+        if result.checkpoint is None:
+            raise RuntimeError(f"stage {st.name} ended without a checkpoint; the next stage has nothing to start from")
+        if env.rank == 0:
+            mark_stage_done(st.run_dir, name=st.name, checkpoint=result.checkpoint, steps=result.steps,
+                            tokens=result.tokens)
+        dist.barrier()
+        prev = result.checkpoint
+    if env.rank == 0:
+        history, boundaries, offset = [], [], 0.0
+        for st in stages:
+            part = read_metrics(st.run_dir / "metrics.jsonl")
+            boundaries.append((offset, st.name))
+            history += [{**h, "tokens": h["tokens"] + offset} for h in part]
+            offset += part[-1]["tokens"] if part else 0.0
+        png = plot_loss(history, run_dir / "loss.png", boundaries=boundaries) if history else None
+        say(f"staged run done: {', '.join(s.name for s in stages)}; loss curve of all stages: {png}")
+        if result is not None:
+            result.loss_png = png
+    if result is None:  # every stage was already complete
+        last = stages[-1]
+        result = TrainResult(run_dir=last.run_dir, steps=0, tokens=0.0, checkpoint=prev)
+    return result
+
+
+def _train(
+    cfg: TrainConfig, *, env: DistEnv, device: torch.device, data_cfg: Any, run_name: str, run_dir: Path,
+    pre: _Preflight, resolved_yaml: str | None, start_from: tuple[Path, bool] | None = None,
+    stage: str | None = None,
+) -> TrainResult:
+    """One run folder's training (a plain run, or one stage). `start_from`: (checkpoint, carry the
+    optimizer) for a stage that starts from the previous one's final checkpoint."""
+    autocast_dtype = resolve_precision(cfg, device)
+    ckpt_dir, resume_from, changed_settings, fingerprint = pre.ckpt_dir, pre.resume_from, pre.changed_settings, pre.fingerprint
     rank0 = env.rank == 0
     say = log.info if rank0 else (lambda *a, **k: None)
     random.seed(cfg.seed)
@@ -292,9 +398,14 @@ def _train(
         else:
             say(f"note: {resume_from.name} holds no RNG state for rank {env.rank} (another world size); "
                 "the RNG keeps its seed")
-    elif cfg.checkpoint.init_from:
-        source = init_weights_from(cfg.checkpoint.init_from, executor)
-        say(f"weights from {cfg.checkpoint.init_from} ({source}); fresh optimizer, schedule and data")
+    elif start_from is not None and start_from[1]:
+        load_model_and_optimizer(start_from[0], executor)
+        say(f"model and optimizer state from {start_from[0]}; fresh schedule and data")
+    elif start_from is not None or cfg.checkpoint.init_from:
+        source_path = str(start_from[0]) if start_from is not None else cfg.checkpoint.init_from
+        assert source_path is not None
+        source = init_weights_from(source_path, executor)
+        say(f"weights from {source_path} ({source}); fresh optimizer, schedule and data")
 
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
