@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from megads.train.config import ConfigError, StageSpec, StagesConfig
+from megads.train.config import ConfigError, StagesConfig, StageSpec
 from megads.train.stages import DONE_FILE, plan_stages, stage_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,3 +159,33 @@ def test_deepseek_v3_preset_is_the_recipe(tmp_path: Path) -> None:
             "yarn", 40.0, 4096, 32.0, 1.0)
         c.model.validate()
     assert pre.cfg.seq_len == 4096 and pre.cfg.model.rope_scaling is None
+
+
+@pytest.mark.usefixtures("quiet_transformers")
+def test_stage_yarn_matches_transformers_beyond_the_original_length(tmp_path: Path) -> None:
+    """The ext2048 stage of tiny_extension: its rotary cos/sin at positions 0..2047 (16x the 128
+    original ones) and its softmax scale equal transformers' DeepseekV3 for the same config, and
+    a model under it gives transformers' logits at 300 tokens (> 128)."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+    import megads
+    from megads.model.rope import RotaryEmbedding
+
+    stage = plan_stages(_compose("stages=tiny_extension"), run_dir=tmp_path)[2]
+    mcfg = stage.cfg.model
+    hf_cfg = DeepseekV3Config(**{k: v for k, v in mcfg.to_hf_dict().items() if k not in ("architectures", "model_type")})
+    positions = torch.arange(2048)
+    cos, sin = RotaryEmbedding(mcfg)(positions, dtype=torch.float32)
+    hf_cos, hf_sin = DeepseekV3RotaryEmbedding(hf_cfg)(torch.zeros(1, dtype=torch.float32), positions[None])
+    # ours is half-split, HF's interleaved: compare the frequency sets as multisets per position
+    assert torch.allclose(cos.sort(dim=-1).values, hf_cos[0].sort(dim=-1).values, atol=1e-5)
+    assert torch.allclose(sin.sort(dim=-1).values, hf_sin[0].sort(dim=-1).values, atol=1e-5)
+    hf_model = DeepseekV3ForCausalLM(hf_cfg).float().eval()
+    assert abs(hf_model.model.layers[0].self_attn.scaling - mcfg.softmax_scale()) < 1e-7
+    hf_model.save_pretrained(tmp_path / "hf")
+    ours = megads.from_hf(tmp_path / "hf", init_missing_mtp=True).eval()  # transformers has no MTP
+    ids = torch.randint(0, mcfg.vocab_size, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(ids).logits - hf_model(ids).logits).abs().max() < 1e-4

@@ -158,6 +158,9 @@ class MemoryConfig:
     # > 0: the LM and MTP cross entropies in chunks of this many tokens, each recomputed in the
     # backward, so at most [chunk, vocab] logits exist at once (megads.model.loss); 0 = whole
     loss_chunk_tokens: int = 0
+    # activation recomputation: none | selective (attention and expert MLP insides) | full (every
+    # block from its boundaries; megads.model.recompute)
+    recompute: str = "none"
 
 
 @dataclass
@@ -295,6 +298,8 @@ def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
         except ValueError as e:
             errors.append(str(e))
     o, s = cfg.optim, cfg.schedule
+    if cfg.memory.recompute not in ("none", "selective", "full"):
+        errors.append(f"memory.recompute={cfg.memory.recompute!r} must be none, selective or full")
     if cfg.memory.loss_chunk_tokens < 0:
         errors.append(f"memory.loss_chunk_tokens={cfg.memory.loss_chunk_tokens} must be >= 0 (0 = the whole sequence)")
     if o.name != "adamw":

@@ -129,8 +129,8 @@ def plot_loss(history: list[dict[str, float]], path: Path, *, boundaries: list[t
     ax.grid(alpha=0.3)
     for at, name in boundaries or []:
         ax.axvline(at, color="k", lw=0.8, ls=":")
-        ax.annotate(name, (at, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
-                    textcoords="offset points", fontsize=8)
+        ax.annotate(name, (at, 0.0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                    textcoords="offset points", fontsize=8)  # at the bottom: the legend sits top right
     ax2 = ax.twinx()
     ax2.plot(tokens, [h["lr"] for h in history], color="gray", ls="--", lw=0.8, label="lr")
     ax2.set_ylabel("learning rate")

@@ -121,6 +121,7 @@ def checkpoint_meta(cfg: TrainConfig, *, world_size: int) -> dict[str, Any]:
     """
     return {
         "model": dataclasses.asdict(cfg.model),
+        "seq_len": cfg.seq_len,
         "layout": state_layout(cfg, world_size=world_size),
         "settings": training_settings(cfg),
     }
