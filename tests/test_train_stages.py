@@ -5,7 +5,8 @@ through the real CLI (`python -m megads.train.cli`, one process, a stages preset
 folder of the test's own: `--config-dir`). The reference run goes through uninterrupted; a
 second run is killed with SIGKILL in the middle of stage 2 and relaunched: the stages finished
 before the kill are skipped, stage 2 resumes from its own newest checkpoint, and every stage's
-per-step losses and gradient norms equal the reference's bit for bit (fp32, CPU).
+per-step losses and gradient norms equal the reference's bit for bit (fp32, CPU). The last stage
+launched on its own (`stages.start/stop` + `checkpoint.init_from`) repeats the chain's numbers.
 """
 
 from __future__ import annotations
@@ -104,6 +105,16 @@ def test_three_stages_with_transitions_and_a_kill_inside_stage_two(conf_dir: Pat
     assert "stage yarn64 (2/3): resuming from" in again.stdout
     for name in ("short", "yarn64", "long"):
         assert _metrics(run / "stages" / name) == _metrics(ref / "stages" / name), name
+
+    # one stage as a job of its own (one Slurm job per stage): the same numbers as in the chain
+    alone = tmp_path / "alone"
+    init = ref / "stages" / "yarn64" / "checkpoints" / "step_00000016"
+    one = subprocess.run([*_cmd(conf_dir, alone), "stages.start=long", "stages.stop=long",
+                          f"checkpoint.init_from={init}"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    assert sorted(p.name for p in (alone / "stages").iterdir()) == ["long"]
+    assert _metrics(alone / "stages" / "long") == _metrics(ref / "stages" / "long")
 
 
 def test_stage_overrides_are_typed_and_checked() -> None:
