@@ -20,6 +20,7 @@ Shapes: G global batch sequences, T sequence, E routed experts, R router slots (
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,7 @@ class StepMetrics:
     micro_batches: int  # micro-batches per data-parallel rank
     expert_load_RE: torch.Tensor
     expert_load: dict[str, LoadStats] = field(default_factory=dict)
+    skipped: bool = False  # non-finite loss or gradient norm: no update on any rank
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -262,9 +264,6 @@ class ParallelExecutor:
         if lr is not None:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
-        grad_norm = self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        load_RE = self._update_biases()
         tokens = sum(int(ids.numel()) for ids, _ in mbs)
         stats = torch.cat([stage.stats, torch.tensor([float(tokens) if self.mesh.is_first_stage else 0.0],
                                                      dtype=torch.float64)]).to(self.device)
@@ -273,13 +272,19 @@ class ParallelExecutor:
         denom = len(mbs) * self.mesh.dp
         lm, mtp, bal = (stats[:3] / denom).tolist()
         total = lm + bal + (mtp_weight * mtp if mtp_weight > 0 and self.cfg.num_nextn_predict_layers > 0 else 0.0)
+        # a non-finite global loss or gradient norm skips the update on every rank alike (both
+        # are world reductions), and the expert-bias update with it
+        grad_norm = self.optimizer.step(skip=not math.isfinite(total))
+        skipped = self.optimizer.last_step_skipped
+        self.optimizer.zero_grad(set_to_none=True)
+        load_RE = self._update_biases(apply=not skipped)
         load = {}
         for name, slot in global_router_names(self.cfg).items():
             c = load_RE[slot]
             load[name] = LoadStats(max=float(c.max()), mean=float(c.mean()), min=float(c.min()), counts=c)
         return StepMetrics(
             loss=total, lm=lm, mtp=mtp, balance=bal, grad_norm=grad_norm,
-            tokens=int(stats[3]), micro_batches=len(mbs), expert_load_RE=load_RE, expert_load=load,
+            tokens=int(stats[3]), micro_batches=len(mbs), expert_load_RE=load_RE, expert_load=load, skipped=skipped,
             extras={"a2a_rows_sent": sum(d.sent_rows for d in self._dispatchers()),
                     "a2a_remote_rows_sent": sum(d.sent_remote_rows for d in self._dispatchers()),
                     "max_nodes_per_token": max([d.max_nodes_per_token for d in self._dispatchers()], default=0)},
@@ -313,8 +318,9 @@ class ParallelExecutor:
         return [m.dispatcher for m in moe_modules(self.model) if isinstance(m.dispatcher, AllToAllDispatcher)]
 
     @torch.no_grad()
-    def _update_biases(self) -> torch.Tensor:
-        """`megads.model.balance.update_expert_bias` with one world all-reduce of [R, E] counts.
+    def _update_biases(self, *, apply: bool = True) -> torch.Tensor:
+        """`megads.model.balance.update_expert_bias` with one world all-reduce of [R, E] counts
+        (`apply=False`, a skipped step: the counts are summed and reset, the biases stay).
 
         This rank's routers fill their slots of a world-sized [R, E] table; the world sum is the
         dp sum for each slot (each router lives on one stage), so every stage gets the counts of
@@ -331,7 +337,8 @@ class ParallelExecutor:
             counts_rE.copy_(load_RE[rows])
 
         if names:
-            update_expert_bias(self.model, gamma=self.optim_settings.bias_update_speed, all_reduce=all_reduce)
+            gamma = self.optim_settings.bias_update_speed if apply else 0.0
+            update_expert_bias(self.model, gamma=gamma, all_reduce=all_reduce)
         else:
             dist.all_reduce(load_RE, group=self.mesh.world_group)
         return load_RE.cpu()

@@ -187,6 +187,7 @@ class Zero1AdamW(torch.optim.Optimizer):
         self.norm_weight = norm_weight  # 1/replicas when every parameter here also lives on another rank
         self.step_count = 0
         self.last_grad_norm = float("nan")
+        self.last_step_skipped = False
         self._expected: dict[int, int] = {}
         self._marks: dict[int, int] = {}
         self._launched: set[tuple[int, int]] = set()
@@ -428,19 +429,25 @@ class Zero1AdamW(torch.optim.Optimizer):
         return float(sq.sqrt())
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> float:  # type: ignore[override]
-        """One optimizer step from the accumulated .grad; returns the (pre-clip) global grad norm."""
+    def step(self, closure: Any = None, *, skip: bool = False) -> float:  # type: ignore[override]
+        """One optimizer step from the accumulated .grad; returns the (pre-clip) global grad norm.
+
+        The step is skipped -- no parameter, moment or step-count change, the gradients dropped --
+        when the global norm is not finite or `skip` is set (the caller saw a non-finite loss);
+        `last_step_skipped` says so. The norm is a world all-reduce and `skip` must be given alike
+        on every rank, so every rank skips the same steps.
+        """
         assert closure is None, "closures are not supported"
         if not self._reduced:
             self.reduce_gradients()
         self._reduced = False
         norm = self.global_grad_norm()
-        if not math.isfinite(norm):
+        self.last_step_skipped = skip or not math.isfinite(norm)
+        if self.last_step_skipped:
             for sp in self.spaces:
                 sp.grad = None
-            raise FloatingPointError(
-                f"non-finite gradient norm ({norm}); lower optim.lr, use precision=fp32, or check the data"
-            )
+            self.last_grad_norm = norm
+            return norm
         clip = 1.0
         if self.max_grad_norm > 0:
             clip = min(1.0, self.max_grad_norm / (norm + 1e-6))

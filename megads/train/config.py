@@ -125,6 +125,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class GuardsConfig:
+    """What the trainer does about bad numbers (docs/training.md, "Non-finite steps")."""
+
+    # a step whose global loss or gradient norm is not finite is skipped on every rank (no
+    # parameter, moment or expert-bias update); at the Nth skipped step in a row the run stops
+    # with a checkpoint of the last good state (1 = at the first)
+    max_consecutive_skips: int = 10
+    # a loss above loss_spike_factor x the median of the last loss_spike_window steps is logged
+    loss_spike_factor: float = 3.0
+    loss_spike_window: int = 50
+
+
+@dataclass
 class StageSpec:
     """One stage of a staged run (docs/training.md, "Staged runs")."""
 
@@ -174,6 +187,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
     seed: int = 1234
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 (autocast, fp32 master weights)
     seq_len: int = 4096
@@ -298,6 +312,11 @@ def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
         except ValueError as e:
             errors.append(str(e))
     o, s = cfg.optim, cfg.schedule
+    g = cfg.guards
+    if g.max_consecutive_skips < 1 or g.loss_spike_window < 1 or not g.loss_spike_factor > 1:
+        errors.append(f"guards.max_consecutive_skips={g.max_consecutive_skips} must be >= 1, "
+                      f"guards.loss_spike_window={g.loss_spike_window} >= 1 and "
+                      f"guards.loss_spike_factor={g.loss_spike_factor} > 1")
     if cfg.memory.recompute not in ("none", "selective", "full"):
         errors.append(f"memory.recompute={cfg.memory.recompute!r} must be none, selective or full")
     if cfg.memory.loss_chunk_tokens < 0:

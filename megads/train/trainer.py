@@ -24,8 +24,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,12 +186,42 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     return records
 
 
+class NonFiniteTraining(RuntimeError):
+    """`guards.max_consecutive_skips` non-finite steps in a row: the run stopped (with a checkpoint)."""
+
+
+@dataclass
+class SkipGuard:
+    """Counts skipped (non-finite) steps and watches the loss for spikes."""
+
+    spike_factor: float
+    window: int
+    total: int = 0
+    consecutive: int = 0
+    recent: list[float] = field(default_factory=list)
+
+    def record_skip(self, step: int, m: StepMetrics, *, say: Any) -> None:
+        self.total += 1
+        self.consecutive += 1
+        what = "loss" if not math.isfinite(m.loss) else "gradient norm"
+        say(f"step {step}: non-finite {what} (loss {m.loss}, gradient norm {m.grad_norm}): the update is skipped "
+            f"on every rank ({self.consecutive} in a row, {self.total} in all)")
+
+    def record_loss(self, loss: float) -> float | None:
+        """The running median when `loss` is a spike above it (None otherwise); then remembers it."""
+        self.consecutive = 0
+        median = statistics.median(self.recent) if len(self.recent) >= min(10, self.window) else None
+        self.recent = (self.recent + [loss])[-self.window:]
+        return median if median is not None and loss > self.spike_factor * median else None
+
+
 def _history_entry(step: int, tokens: float, m: StepMetrics, *, lr: float, mtp_weight: float, gamma: float,
                    batch: int, step_s: float) -> dict[str, float]:
     h: dict[str, float] = {
         "step": step, "tokens": tokens, "loss/total": m.loss, "loss/lm": m.lm, "loss/mtp": m.mtp,
         "loss/balance": m.balance, "lr": lr, "grad_norm": m.grad_norm, "tokens_per_s": m.tokens / max(step_s, 1e-9),
         "batch_sequences": batch, "mtp_weight": mtp_weight, "bias_update_speed": gamma, "step_time_s": step_s,
+        "skipped": int(m.skipped),
     }
     if m.expert_load:
         imb = {name: s.imbalance for name, s in m.expert_load.items()}
@@ -459,6 +491,7 @@ def _train(
                 **checkpoint_meta(cfg, world_size=env.world_size)}
         return writer.save(at_step, entries, meta=meta)
 
+    skips = SkipGuard(spike_factor=cfg.guards.loss_spike_factor, window=cfg.guards.loss_spike_window)
     t_start = time.perf_counter()
     timeline_png: str | None = None
     steps_at_start, tokens_at_start = step, tokens
@@ -485,6 +518,23 @@ def _train(
             step += 1
             tokens += m.tokens
             step_s = time.perf_counter() - t0
+            if m.skipped:  # the same on every rank (world reductions): every rank counts and decides alike
+                skips.record_skip(step, m, say=log.warning if rank0 else (lambda *a, **k: None))
+                if skips.consecutive >= cfg.guards.max_consecutive_skips:
+                    last_ckpt = save(step, tokens)  # parameters and moments: the last good step's
+                    writer.wait()
+                    raise NonFiniteTraining(
+                        f"{skips.consecutive} steps in a row had a non-finite loss or gradient norm (steps "
+                        f"{step - skips.consecutive + 1}-{step}; guards.max_consecutive_skips="
+                        f"{cfg.guards.max_consecutive_skips}): training stopped. {last_ckpt} holds the last good "
+                        "parameters and optimizer state, with the data position after the skipped batches; lower "
+                        "optim.lr or check the data, then relaunch to resume from it"
+                    )
+            else:
+                spike = skips.record_loss(m.loss)
+                if spike is not None and rank0:
+                    log.warning(f"step {step}: loss spike, {m.loss:.4f} > {cfg.guards.loss_spike_factor:g} x the "
+                                f"median {spike:.4f} of the last {cfg.guards.loss_spike_window} steps")
             if rank0:
                 h = _history_entry(step, tokens, m, lr=lr, mtp_weight=mtp_w, gamma=gamma, batch=batch, step_s=step_s)
                 window.append(h)
@@ -510,6 +560,8 @@ def _train(
         if cfg.checkpoint.at_end and (last_ckpt is None or last_ckpt.name != f"step_{step:08d}"):
             last_ckpt = save(step, tokens)
         writer.wait()
+        if skips.total:
+            say(f"skipped steps (non-finite loss or gradient norm): {skips.total}")
         if writer.blocking_s:
             say(f"checkpoints: {len(writer.blocking_s)} saved, training waited {sum(writer.blocking_s):.2f} s for them"
                 + (" (asynchronous)" if writer.async_save else ""))
