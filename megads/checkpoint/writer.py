@@ -46,13 +46,16 @@ log = logging.getLogger("megads.checkpoint")
 class CheckpointWriter:
     """Writes step folders under `root`; every rank of the job calls `save` and `wait`."""
 
-    def __init__(self, root: Path, *, keep_last: int, async_save: bool = False) -> None:
+    def __init__(self, root: Path, *, keep_last: int, async_save: bool = False, timeout_s: float | None = None) -> None:
+        import datetime
+
         self.root = Path(root)
         self.keep_last = keep_last
         self.async_save = async_save
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         # collective (every rank creates it): the background thread's own group
-        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        self._group = dist.new_group(backend="gloo", **kw) if async_save and dist.is_initialized() else None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.blocking_s: list[float] = []  # per save: how long training waited

@@ -43,6 +43,10 @@ class ParallelConfig:
     # DualPipe/DualPipeV: run F&B pairs interleaved at attention/dispatch/experts/combine
     # granularity with asynchronous all-to-alls (megads.parallel.overlap_stage).
     overlap_fb: bool = True
+    # every process group (the default one, pipeline, data, expert, embedding, checkpoint): a
+    # collective that does not complete within this many seconds ends the job with a message
+    # naming the rank and the step (torch's own default is 30 minutes for the sub-groups)
+    collective_timeout_s: float = 600.0
 
     def pieces_per_rank(self) -> int:
         """Model pieces one pipeline rank holds: 2 for DualPipeV's V and interleaved 1F1B, else 1.
@@ -91,6 +95,8 @@ class ParallelConfig:
             errors.append(f"parallel.moments_dtype={self.moments_dtype!r} must be one of {list(_MOMENT_DTYPES)}")
         if self.node_limit < 1:
             errors.append(f"parallel.node_limit={self.node_limit} must be >= 1")
+        if not self.collective_timeout_s > 0:
+            errors.append(f"parallel.collective_timeout_s={self.collective_timeout_s} must be > 0 (seconds)")
         if self.bucket_numel < 1:
             errors.append(f"parallel.bucket_numel={self.bucket_numel} must be >= 1")
         if not errors and model is not None:

@@ -234,8 +234,12 @@ class ParallelMesh:
         return pp_rank * dp + dp_rank
 
     @classmethod
-    def build(cls, plan: LayoutPlan, *, rank: int | None = None) -> ParallelMesh:
-        """Create every group of `plan` (collective: all ranks call this in the same order)."""
+    def build(cls, plan: LayoutPlan, *, rank: int | None = None, timeout_s: float | None = None) -> ParallelMesh:
+        """Create every group of `plan` (collective: all ranks call this in the same order);
+        `timeout_s`: of every group's collectives (None: torch's default for new groups)."""
+        import datetime
+
+        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         world = dist.get_world_size()
         if world != plan.world_size:
             raise ValueError(f"the layout was planned for {plan.world_size} ranks but the job has {world}")
@@ -251,27 +255,27 @@ class ParallelMesh:
         # Every rank creates every group (new_group is collective over the world), keeps its own.
         for d in range(dp):
             ranks = [g(s, d) for s in range(pp)]
-            grp = dist.new_group(ranks)
+            grp = dist.new_group(ranks, **kw)
             if d == dp_rank:
                 mesh.pp_group, mesh.pp_ranks = grp, ranks
         for s in range(pp):
             ranks = [g(s, d) for d in range(dp)]
-            grp = dist.new_group(ranks)
+            grp = dist.new_group(ranks, **kw)
             if s == pp_rank:
                 mesh.dp_group, mesh.dp_ranks = grp, ranks
             for e0 in range(0, dp, ep):
                 ranks = [g(s, e0 + i) for i in range(ep)]
-                grp = dist.new_group(ranks)
+                grp = dist.new_group(ranks, **kw)
                 if s == pp_rank and e0 == edp_rank * ep:
                     mesh.ep_group, mesh.ep_ranks = grp, ranks
             for i in range(ep):
                 ranks = [g(s, e * ep + i) for e in range(dp // ep)]
-                grp = dist.new_group(ranks)
+                grp = dist.new_group(ranks, **kw)
                 if s == pp_rank and i == ep_rank:
                     mesh.edp_group, mesh.edp_ranks = grp, ranks
         if pp > 1:
             for d in range(dp):
-                grp = dist.new_group([g(0, d), g(pp - 1, d)])
+                grp = dist.new_group([g(0, d), g(pp - 1, d)], **kw)
                 if d == dp_rank and (mesh.is_first_stage or mesh.is_last_stage):
                     mesh.embed_group = grp
         return mesh

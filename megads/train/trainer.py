@@ -132,7 +132,7 @@ def build_executor(
         plan = p.plan(world_size=env.world_size, model=cfg.model, ranks_per_node=env.local_world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    mesh = mesh or ParallelMesh.build(plan)
+    mesh = mesh or ParallelMesh.build(plan, timeout_s=p.collective_timeout_s)
     optim = OptimSettings(
         lr=o.lr, betas=(float(o.betas[0]), float(o.betas[1])), eps=o.eps, weight_decay=o.weight_decay,
         max_grad_norm=o.clip_grad, bucket_numel=p.bucket_numel,
@@ -184,6 +184,27 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
             # a run killed mid-write leaves a torn record: drop it (the resumed run rewrites the log)
             log.warning(f"warning: {path}: line {i + 1} is not a JSON record (a torn write?); dropped")
     return records
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective timed out or lost a peer: the job ends instead of hanging (parallel.collective_timeout_s)."""
+
+
+def _collective_failure(e: BaseException, *, rank: int, step: int, timeout_s: float) -> BaseException:
+    """`e` as a CollectiveFailure naming the rank and the step when it comes from a collective
+    that timed out or whose peer went away; other errors are returned unchanged."""
+    text = str(e)
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    low = text.lower()
+    if "timed out" in low or "timeout" in low:
+        return CollectiveFailure(
+            f"rank {rank}, step {step}: a collective did not complete within parallel.collective_timeout_s="
+            f"{timeout_s:g} s ({first}); another rank is stuck or gone: look for the rank that stopped first"
+        )
+    if any(k in low for k in ("connection closed", "connection reset", "broken pipe", "peer")):
+        return CollectiveFailure(f"rank {rank}, step {step}: a peer of a collective went away ({first}); "
+                                 "another rank died: its own log says why")
+    return e
 
 
 class NonFiniteTraining(RuntimeError):
@@ -273,7 +294,8 @@ def train(
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        init_distributed(backend=cfg.parallel.resolve_backend(cuda=device.type == "cuda"), env=env)
+        init_distributed(backend=cfg.parallel.resolve_backend(cuda=device.type == "cuda"), env=env,
+                         timeout_s=cfg.parallel.collective_timeout_s)
         try:
             if stages:
                 return _train_stages(stages, env=env, device=device, run_name=run_name, run_dir=run_dir)
@@ -482,7 +504,8 @@ def _train(
     )
     metrics_file = open(run_dir / "metrics.jsonl", "a") if rank0 else None  # noqa: SIM115
     last_ckpt: Path | None = resume_from
-    writer = CheckpointWriter(ckpt_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
+    writer = CheckpointWriter(ckpt_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save,
+                              timeout_s=cfg.parallel.collective_timeout_s)
 
     def save(at_step: int, at_tokens: float) -> Path:
         entries = training_entries(executor, step=at_step, tokens=at_tokens, loader_state=loader.state_dict())
@@ -508,7 +531,13 @@ def _train(
             record = step == steps_at_start + 1
             if record:
                 executor.record_next_step = True
-            m = executor.run(micro, lr=lr, mtp_weight=mtp_w, bias_update_speed=gamma)
+            try:
+                m = executor.run(micro, lr=lr, mtp_weight=mtp_w, bias_update_speed=gamma)
+            except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors
+                failure = _collective_failure(e, rank=env.rank, step=step + 1, timeout_s=cfg.parallel.collective_timeout_s)
+                if failure is e:
+                    raise
+                raise failure from e
             if record:
                 executor.record_next_step = False
                 timeline_png = executor.save_timeline_png(
