@@ -17,7 +17,15 @@ from megads.model.loss import IGNORE_INDEX, head_cross_entropy
 from megads.model.transformer import DeepseekV3
 from megads.parallel.executor import OptimSettings, ParallelExecutor
 from megads.parallel.mesh import ParallelMesh
-from megads.testing.parallel import LayoutSpec, make_batches, plan_spec, spawn, tiny_config
+from megads.testing.parallel import (
+    LayoutSpec,
+    assert_same_steps,
+    losses_and_reduced_grads,
+    make_batches,
+    plan_spec,
+    spawn,
+    tiny_config,
+)
 
 
 def _head(D: int = 16, V: int = 50) -> nn.Module:
@@ -97,12 +105,7 @@ def _stage_worker(rank: int, world: int, outdir: str) -> None:
     for chunk in (0, 5):
         ex = ParallelExecutor(cfg, mesh=mesh, plan=plan, schedule=spec.schedule, micro_batch_size=1, seed=5,
                               optim=OptimSettings(lr=1e-2), loss_chunk_tokens=chunk, overlap_fb=True)
-        losses, grads = [], []
-        for ids, labels in batches:
-            losses.append(ex.step(ids, labels, mtp_weight=0.3).loss)
-            # the step's reduced gradient shards (ZeRO-1 keeps them until the next step)
-            grads.append([sp.grad_buf.clone() for sp in ex.optimizer.spaces])
-        out[chunk] = (losses, grads)
+        out[chunk] = losses_and_reduced_grads(ex, batches)
     torch.save(out, Path(outdir) / f"rank{rank}.pt")
 
 
@@ -112,8 +115,4 @@ def test_pipeline_stage_loss_in_chunks_matches_the_whole(tmp_path: Path) -> None
     spawn(2, _stage_worker, str(tmp_path))
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt")
-        (l0, g0), (l5, g5) = out[0], out[5]
-        assert l5 == pytest.approx(l0, rel=1e-6)
-        for step0, step5 in zip(g0, g5):
-            for a, b in zip(step0, step5):  # within 1e-6 of each gradient space's scale
-                assert a.abs().max() > 0 and (b - a).abs().max() <= 1e-6 * a.abs().max()
+        assert_same_steps(out[0], out[5])

@@ -327,3 +327,29 @@ def checkpoint_worker(
     path = Path(outdir) / f"{spec.tag}.rank{rank}.pt"
     torch.save(result, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
+
+
+def losses_and_reduced_grads(
+    ex: ParallelExecutor, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, mtp_weight: float = 0.3
+) -> tuple[list[float], list[list[torch.Tensor]]]:
+    """Per step of `batches`: the global loss and copies of the reduced gradient shards (ZeRO-1
+    keeps them until the next step): what two executions of the same steps must agree on."""
+    losses, grads = [], []
+    for ids, labels in batches:
+        losses.append(ex.step(ids, labels, mtp_weight=mtp_weight).loss)
+        grads.append([sp.grad_buf.clone() for sp in ex.optimizer.spaces])
+    return losses, grads
+
+
+def assert_same_steps(
+    ref: tuple[list[float], list[list[torch.Tensor]]], got: tuple[list[float], list[list[torch.Tensor]]],
+    *, rel: float = 1e-6,
+) -> None:
+    """`losses_and_reduced_grads` results within `rel`: losses relative, each gradient space
+    relative to its largest element."""
+    (l0, g0), (l1, g1) = ref, got
+    assert len(l0) == len(l1) and all(abs(a - b) <= rel * abs(a) for a, b in zip(l0, l1)), (l0, l1)
+    for s0, s1 in zip(g0, g1):
+        for a, b in zip(s0, s1):
+            assert a.abs().max() > 0 and (b - a).abs().max() <= rel * a.abs().max()
+

@@ -38,6 +38,7 @@ class Stage:
     """One stage of this job: its config, folder and where it starts from."""
 
     index: int  # position in the full stage list
+    total: int  # stages in the full list
     spec: StageSpec
     cfg: TrainConfig
     run_dir: Path
@@ -127,7 +128,7 @@ def plan_stages(cfg: TrainConfig, *, run_dir: Path) -> list[Stage]:
         # a stage always ends with a checkpoint in its own folder: the next stage starts from it
         scfg = dataclasses.replace(scfg, run_dir=str(sdir),
                                    checkpoint=dataclasses.replace(scfg.checkpoint, dir=None, at_end=True))
-        out.append(Stage(index=i, spec=specs[i], cfg=scfg, run_dir=sdir))
+        out.append(Stage(index=i, total=len(specs), spec=specs[i], cfg=scfg, run_dir=sdir))
     return out
 
 

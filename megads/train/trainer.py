@@ -375,7 +375,7 @@ def _train_stages(
                 start = (Path(scfg.checkpoint.init_from), st.spec.carry_optimizer)
             if start is not None:
                 scfg = dataclasses.replace(scfg, checkpoint=dataclasses.replace(scfg.checkpoint, init_from=None))
-        say(f"stage {st.name} ({st.index + 1}/{len(stages) + stages[0].index}): "
+        say(f"stage {st.name} ({st.index + 1}/{st.total}): "
             + (f"resuming from {pre.resume_from}" if pre.resume_from is not None else
                f"starting from {start[0]} ({'model and optimizer' if start[1] else 'weights only'})" if start else
                "starting afresh"))
