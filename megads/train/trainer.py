@@ -15,6 +15,12 @@ Order of events on every rank (torchrun / srun env, or a single process):
        bias update); rank 0 logs global figures to the console, metrics.jsonl, wandb
     6. checkpoint every checkpoint.every_steps and at the end; PNGs; print where results are
 
+A staged run (`stages=...`, megads.train.stages) validates every stage's config in 1 and runs
+3-6 once per stage, in the same process group, each stage in its own run folder and starting
+from the previous stage's final checkpoint. A step whose global loss or gradient norm is not
+finite is skipped on every rank (`guards.*`); a collective that times out ends the rank with a
+`CollectiveFailure` naming it and the step (`parallel.collective_timeout_s`).
+
 Plain data parallel and a single process are the pp = 1 case of the same executor, as
 Megatron-Core treats "no pipelining" as one more schedule: there is one code path per step.
 """
