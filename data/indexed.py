@@ -59,6 +59,12 @@ class IndexedWriter:
     def add(self, tokens: np.ndarray, *, lengths: np.ndarray) -> None:
         """Append documents: ``tokens`` concatenated, ``lengths`` (each >= 1) sums to its size."""
         assert int(lengths.sum()) == tokens.size and (lengths.size == 0 or lengths.min() >= 1)
+        if tokens.size and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
+            bad = int(tokens.max()) if int(tokens.max()) >= self.vocab_size else int(tokens.min())
+            raise ValueError(
+                f"{_with(self.prefix, '.bin')}: token id {bad} is outside the vocabulary [0, {self.vocab_size}) "
+                "(a tokenizer that does not match data.vocab_size?); nothing was published"
+            )
         buf = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
         self._fh.write(buf)
         self._crc = zlib.crc32(buf, self._crc)
