@@ -48,3 +48,21 @@ def run_trainer(
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the torchrun workers below `launcher_pid`."""
+    out: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        ranks = [e for e in env if e.startswith(b"RANK=")]
+        if ranks and ppid == launcher_pid and b"TORCHELASTIC_RUN_ID" in b"".join(env):
+            out[int(ranks[0][5:])] = int(entry.name)
+    return out

@@ -15,30 +15,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from megads.testing.launch import REPO, trainer_command, trainer_env
+from megads.testing.launch import REPO, trainer_command, trainer_env, worker_pids
 
 ARGS = ["model=tiny", "seq_len=32", "parallel=dp", "parallel.micro_batch_size=2", "schedule=tiny",
         "schedule.train_tokens=0", "schedule.train_steps=400", "schedule.batch_start=4", "schedule.batch_end=4",
         "data=fallback", "data.max_bytes=200000", "logging.console_every=1", "checkpoint.at_end=false",
         "parallel.collective_timeout_s=8"]
-
-
-def _worker_pids(launcher_pid: int) -> dict[int, int]:
-    """rank -> pid of the torchrun workers below `launcher_pid`."""
-    out: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        ranks = [e for e in env if e.startswith(b"RANK=")]
-        if ranks and ppid == launcher_pid and b"TORCHELASTIC_RUN_ID" in b"".join(env):
-            out[int(ranks[0][5:])] = int(entry.name)
-    return out
 
 
 def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
@@ -53,7 +35,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
         while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
             assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.1)
-        workers = _worker_pids(proc.pid)
+        workers = worker_pids(proc.pid)
         assert sorted(workers) == [0, 1], workers
         os.kill(workers[1], signal.SIGSTOP)
         t_stop = time.monotonic()
@@ -62,7 +44,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        for pid in _worker_pids(proc.pid).values():
+        for pid in worker_pids(proc.pid).values():
             os.kill(pid, signal.SIGKILL)
     text = log.read_text()
     assert code != 0

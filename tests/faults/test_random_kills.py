@@ -71,3 +71,44 @@ def test_random_kills_resume_to_the_same_losses(async_save: bool, tmp_path: Path
         assert _metrics(run) == _metrics(ref), (trial, target, extra_s)
     print(f"async_save={async_save}: killed after steps {killed_at} (of 14)")
     assert len(set(killed_at)) >= 3 and max(killed_at) < 14  # different points, all before the end
+
+
+@pytest.mark.slow
+def test_killing_one_rank_ends_the_job_and_the_relaunch_resumes(tmp_path: Path) -> None:
+    """kill -9 of rank 1 of a 2-rank torchrun job at 3 random steps: rank 0 fails its next
+    collective at once (its peer's connections closed), torchrun ends the job, and the relaunch
+    gives the uninterrupted run's losses bit for bit."""
+    from megads.testing.launch import trainer_command, trainer_env, worker_pids
+
+    args = [a for a in ARGS if not a.startswith("parallel=")] + ["parallel=dp", "parallel.micro_batch_size=2"]
+    env = trainer_env()
+    ref = tmp_path / "ref"
+    done = subprocess.run(trainer_command([*args, f"run_dir={ref}"], nproc=2), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rng = random.Random(7)
+    for trial in range(3):
+        run = tmp_path / f"trial{trial}"
+        target = rng.randint(1, 12)
+        proc = subprocess.Popen(trainer_command([*args, f"run_dir={run}"], nproc=2), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        log = run / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if log.is_file() and len(log.read_text().splitlines()) >= target:
+                break
+            time.sleep(0.01)
+        workers = worker_pids(proc.pid)
+        if 1 in workers:
+            os.kill(workers[1], signal.SIGKILL)
+        t_kill = time.monotonic()
+        try:
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert code != 0 and time.monotonic() - t_kill < 90
+        again = subprocess.run(trainer_command([*args, f"run_dir={run}"], nproc=2), cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+        assert _metrics(run) == _metrics(ref), (trial, target)
