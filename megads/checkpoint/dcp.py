@@ -234,16 +234,23 @@ def commit_folder(tmp: Path, final: Path, *, meta: dict[str, Any], group: Any = 
         dist.all_gather_object(parts, mine, group=group)
     else:
         parts = [mine]
+    failure: list[str | None] = [None]
     if rank == 0:
-        manifest = {"format": FORMAT_VERSION, "files": {k: v for part in parts for k, v in sorted(part.items())}}
-        _write_json_atomic(tmp / MANIFEST_FILE, manifest)
-        meta = {"format": FORMAT_VERSION, "bytes": sum(v["bytes"] for v in manifest["files"].values()), **meta}
-        _write_json_atomic(tmp / META_FILE, meta)  # the completion marker
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            manifest = {"format": FORMAT_VERSION, "files": {k: v for part in parts for k, v in sorted(part.items())}}
+            _write_json_atomic(tmp / MANIFEST_FILE, manifest)
+            meta = {"format": FORMAT_VERSION, "bytes": sum(v["bytes"] for v in manifest["files"].values()), **meta}
+            _write_json_atomic(tmp / META_FILE, meta)  # the completion marker
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as e:  # every rank learns it (instead of the others waiting in a barrier)
+            failure[0] = f"{type(e).__name__}: {e}"
     if size > 1:
-        dist.barrier(group=group)
+        dist.broadcast_object_list(failure, src=dist.get_global_rank(group, 0) if group is not None else 0,
+                                   group=group)
+    if failure[0] is not None:
+        raise OSError(f"committing {final.name} failed on its rank 0: {failure[0]}")
 
 
 def read_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megads.checkpoint.dcp import (
     CheckpointCorrupt,
@@ -41,6 +42,31 @@ from megads.checkpoint.dcp import (
 )
 
 log = logging.getLogger("megads.checkpoint")
+
+
+class CheckpointWriteFailed(RuntimeError):
+    """A step folder could not be written (disk full, file too large, no permission, ...): its
+    partial `.tmp` folder is removed and the previous complete checkpoint stays the latest."""
+
+
+def _cause(e: BaseException, root: Path) -> str:
+    """The underlying error of a failed save, in words a user can act on (DCP wraps each rank's
+    error in a CheckpointException; torch.save's zip writer reports a short write -- a full disk,
+    a file-size limit -- only as "unexpected pos")."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, wrapped = next(iter(sorted(failures.items())))
+        inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        text = f"rank {rank}: {type(inner).__name__}: {inner}"
+    else:
+        text = f"{type(e).__name__}: {e}"
+    if "unexpected pos" in text:
+        text += " -- a write came short: the file system is full or a file-size limit was hit"
+    try:
+        text += f"; {shutil.disk_usage(root).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        pass
+    return text
 
 
 class CheckpointWriter:
@@ -63,8 +89,14 @@ class CheckpointWriter:
 
     def save(self, step: int, entries: dict[str, Any], *, meta: dict[str, Any]) -> Path:
         """Write `entries` as step folder `step`; returns its final path (complete once `wait`
-        returns, at once when synchronous)."""
-        self.wait()
+        returns, at once when synchronous). CheckpointWriteFailed when a synchronous save cannot
+        be written; a failed background save is logged when the next save starts (training goes
+        on) and raised by `wait()` only for the last one."""
+        try:
+            self.wait()
+        except CheckpointWriteFailed as e:
+            if self.rank == 0:
+                log.error(f"{e}; training goes on")
         t0 = time.perf_counter()
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + ".tmp")
@@ -100,11 +132,23 @@ class CheckpointWriter:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
+            if isinstance(err, CheckpointWriteFailed):
+                raise err
             raise RuntimeError(f"the background checkpoint save failed: {err}") from err
 
     def _write(self, tmp: Path, final: Path, entries: dict[str, Any], meta: dict[str, Any], *, group: Any) -> None:
-        save_state(tmp, entries, group=group)
-        commit_folder(tmp, final, meta=meta, group=group)
+        try:
+            save_state(tmp, entries, group=group)  # DCP: a failure on any rank raises on every rank
+            commit_folder(tmp, final, meta=meta, group=group)  # agreed over the group, too
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            done = completed_steps(self.root)
+            latest = done[-1].name if done else "no earlier checkpoint"
+            raise CheckpointWriteFailed(
+                f"checkpoint {final.name} could not be written to {self.root} ({_cause(e, self.root)}); its partial folder "
+                f"was removed and {latest} stays the latest: free space (or fix the permissions) there"
+            ) from e
         if self.rank == 0 and self.keep_last > 0:
             for old in completed_steps(self.root)[: -self.keep_last]:
                 if old != final:

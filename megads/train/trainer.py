@@ -49,7 +49,7 @@ from megads.checkpoint.state import (
     set_rng_state,
     training_entries,
 )
-from megads.checkpoint.writer import CheckpointWriter
+from megads.checkpoint.writer import CheckpointWriteFailed, CheckpointWriter
 from megads.model import count_parameters
 from megads.parallel.executor import OptimSettings, ParallelExecutor, StepMetrics
 from megads.parallel.mesh import DistEnv, ParallelMesh, init_distributed, read_dist_env
@@ -422,6 +422,7 @@ def _train(
     ckpt_dir, resume_from, changed_settings, fingerprint = pre.ckpt_dir, pre.resume_from, pre.changed_settings, pre.fingerprint
     rank0 = env.rank == 0
     say = log.info if rank0 else (lambda *a, **k: None)
+    say_warn = log.warning if rank0 else (lambda *a, **k: None)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     try:
@@ -520,6 +521,14 @@ def _train(
                 **checkpoint_meta(cfg, world_size=env.world_size)}
         return writer.save(at_step, entries, meta=meta)
 
+    def save_periodic(at_step: int, at_tokens: float) -> Path | None:
+        """A periodic save that cannot be written costs that checkpoint, not the run."""
+        try:
+            return save(at_step, at_tokens)
+        except CheckpointWriteFailed as e:
+            say_warn(f"{e}; training goes on")
+            return None
+
     skips = SkipGuard(spike_factor=cfg.guards.loss_spike_factor, window=cfg.guards.loss_spike_window)
     t_start = time.perf_counter()
     timeline_png: str | None = None
@@ -591,7 +600,7 @@ def _train(
                     window = []
             every = cfg.checkpoint.every_steps
             if every > 0 and step % every == 0 and step < plan.total_steps:
-                last_ckpt = save(step, tokens)
+                last_ckpt = save_periodic(step, tokens) or last_ckpt
         if cfg.checkpoint.at_end and (last_ckpt is None or last_ckpt.name != f"step_{step:08d}"):
             last_ckpt = save(step, tokens)
         writer.wait()
