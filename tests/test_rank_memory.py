@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from megads.model.transformer import DeepseekV3
-from tools.rank_memory import compose, main, run
+from megads.train.cli import compose_config as compose
+from tools.rank_memory import main, run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -50,7 +50,7 @@ stop: null
 
 
 def _compose(*overrides: str):  # noqa: ANN202
-    from tools.rank_memory import compose
+    from megads.train.cli import compose_config as compose
 
     return compose([*COMMON, *overrides])
 

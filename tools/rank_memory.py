@@ -39,22 +39,9 @@ from megads.parallel.executor import ParallelExecutor
 from megads.parallel.memory import FP32, RankParams, Zero1Bytes, rank_parameters
 from megads.parallel.mesh import ParallelMesh
 from megads.parallel.stages import piece_specs, rank_pieces
+from megads.train.cli import compose_config
 
-REPO = Path(__file__).resolve().parents[1]
 GiB = 1 << 30
-
-
-def compose(overrides: list[str]) -> Any:
-    """The trainer's config with `overrides` (Hydra's compose API over conf/)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from megads.train.config import register_configs, register_resolvers, to_train_config
-
-    register_configs()
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return to_train_config(hydra_compose(config_name="config", overrides=overrides))
 
 
 def _storage_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
@@ -154,7 +141,7 @@ def run(overrides: list[str], *, world: int, rank: int, ranks_per_node: int | No
     from megads.parallel.mesh import DistEnv
     from megads.train.trainer import build_executor
 
-    cfg = compose(overrides)
+    cfg = compose_config(overrides)
     rpn = ranks_per_node or cfg.parallel.ranks_per_node or (8 if world % 8 == 0 else world)
     plan = cfg.parallel.plan(world_size=world, model=cfg.model, ranks_per_node=rpn)
     mesh = ParallelMesh.local(plan, rank=rank)

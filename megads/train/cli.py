@@ -26,6 +26,19 @@ from pathlib import Path
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
+def compose_config(overrides: list[str]) -> object:
+    """The TrainConfig of `overrides` over conf/config.yaml, composed by Hydra as the CLI does
+    (without running it): for tools and tests that need the trainer's config."""
+    from hydra import compose, initialize_config_dir
+
+    from megads.train.config import register_configs, register_resolvers, to_train_config
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return to_train_config(compose(config_name="config", overrides=list(overrides)))
+
+
 def _setup_logging() -> None:
     import warnings
 

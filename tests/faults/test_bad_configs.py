@@ -114,7 +114,7 @@ CASES: list[tuple[str, list[str], int, str]] = [  # (id, overrides, world size, 
 
 
 def _message(overrides: list[str], world: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    from tools.rank_memory import compose
+    from megads.train.cli import compose_config as compose
 
     try:
         cfg = compose([*BASE, f"run_dir={tmp_path / 'run'}", *overrides])

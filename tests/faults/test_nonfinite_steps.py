@@ -74,8 +74,8 @@ def test_a_bad_step_on_one_rank_is_skipped_everywhere_without_a_trace(poison: st
 def test_consecutive_non_finite_steps_stop_the_run_with_the_last_good_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from megads.train.cli import compose_config as compose
     from megads.train.trainer import NonFiniteTraining, train
-    from tools.rank_memory import compose
 
     real_norm = Zero1AdamW.global_grad_norm
     calls = {"n": 0}
