@@ -61,6 +61,20 @@ from torch import nn
 
 from megads.parallel.mesh import LocalGroup
 
+
+# torch 2.13 names these two `reduce_scatter_single` / `all_gather_single` and warns on the old names
+# on every call; torch 2.11 (the GPU machines') has only the old ones: the current name where it exists.
+def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, *, group: Any, async_op: bool) -> Any:
+    if hasattr(dist, "reduce_scatter_single"):
+        return dist.reduce_scatter_single(out, inp, group=group, async_op=async_op)
+    return dist.reduce_scatter_tensor(out, inp, group=group, async_op=async_op)
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, *, group: Any, async_op: bool) -> Any:
+    if hasattr(dist, "all_gather_single"):
+        return dist.all_gather_single(out, inp, group=group, async_op=async_op)
+    return dist.all_gather_into_tensor(out, inp, group=group, async_op=async_op)
+
 _VEC = 16  # fp32 elements of one 64-byte cache line: the CPU fused AdamW kernel's vector and task unit
 _HYPER = ("lr", "betas", "eps", "weight_decay")
 
@@ -385,7 +399,7 @@ class Zero1AdamW(torch.optim.Optimizer):
             return
         flat_P = self._flatten(b, [p.grad for p in b.params], torch.float32)
         if sp.shard:
-            sp.pending.append(dist.reduce_scatter_tensor(out, flat_P, group=sp.group, async_op=True))
+            sp.pending.append(_reduce_scatter(out, flat_P, group=sp.group, async_op=True))
         else:
             sp.pending.append((dist.all_reduce(flat_P, group=sp.group, async_op=True), out, flat_P))
 
@@ -517,7 +531,7 @@ class Zero1AdamW(torch.optim.Optimizer):
                 mine = sp.master[b.shard_offset : b.shard_offset + sp.part(b.padded)].to(dtype)
                 if sp.shard and sp.group_size > 1:
                     full_P = torch.empty(b.padded, dtype=dtype, device=mine.device)
-                    work = dist.all_gather_into_tensor(full_P, mine, group=sp.group, async_op=True)
+                    work = _all_gather(full_P, mine, group=sp.group, async_op=True)
                     jobs.append((b, full_P, work))
                 else:
                     jobs.append((b, mine, None))

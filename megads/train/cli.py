@@ -40,12 +40,6 @@ def compose_config(overrides: list[str]) -> object:
 
 
 def _setup_logging() -> None:
-    import warnings
-
-    # torch 2.13 renames all_gather_into_tensor / reduce_scatter_tensor (*_single); the old names
-    # are what torch 2.11 (the GPU machines') has, so megads keeps them and silences the notice
-    # that every rank would print on every step.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("[megads %(asctime)s] %(message)s", datefmt="%H:%M:%S"))
     logger = logging.getLogger("megads")
@@ -100,9 +94,11 @@ def _run(cfg: object) -> None:
 
     from megads.parallel.mesh import read_dist_env
     from megads.train.config import ConfigError, default_run_name, to_train_config, validate_config
+    from megads.train.preemption import EXIT_PREEMPTED, Preempted
     from megads.train.run_lock import RunFolderLockedError
     from megads.train.trainer import train
 
+    _setup_logging()  # again here: a Hydra launcher (submitit) calls this function in a job without main()
     hydra_cfg = HydraConfig.get()
     choices = hydra_cfg.runtime.choices
     run_name = default_run_name(None, choices.get("model"), choices.get("schedule"))
@@ -111,7 +107,9 @@ def _run(cfg: object) -> None:
         train_cfg = to_train_config(cfg)
         need = _needed_ranks(train_cfg)
         env = read_dist_env()
-        if hydra_cfg.mode == RunMode.MULTIRUN and env.world_size > 1:
+        # A cluster launcher (submitit) starts each sweep job as its own multi-task job: that is fine.
+        on_cluster_launcher = "submitit" in str(hydra_cfg.launcher.get("_target_", ""))
+        if hydra_cfg.mode == RunMode.MULTIRUN and env.world_size > 1 and not on_cluster_launcher:
             # every job would re-create the process group inside the same torchrun workers
             raise ConfigError(
                 "a Hydra sweep (-m) under torchrun/srun with several ranks is not supported: start the "
@@ -126,6 +124,8 @@ def _run(cfg: object) -> None:
     except (ConfigError, RunFolderLockedError) as e:
         print(f"megads-train: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Preempted:
+        sys.exit(EXIT_PREEMPTED)  # 75: stopped on a signal with a checkpoint; a relaunch resumes from it
 
 
 def main() -> None:

@@ -58,6 +58,7 @@ from megads.train.config import ConfigError, TrainConfig, validate_config
 from megads.train.data_source import build_loader, resolve_data_config
 from megads.train.monitor import WandbLogger, plot_expert_load, plot_loss
 from megads.train.optim import param_groups_for
+from megads.train.preemption import Preempted, PreemptionWatch, touch_marker
 from megads.train.preflight import (
     check_resume,
     check_writable,
@@ -311,6 +312,13 @@ def train(
             assert pre is not None
             return _train(cfg, env=env, device=device, data_cfg=data_cfg, run_name=run_name, run_dir=run_dir,
                           pre=pre, resolved_yaml=resolved_yaml)
+        except Preempted as e:
+            if env.rank == 0:
+                touch_marker(e)
+            # Every rank leaves together, after rank 0 closed its logs: a launcher that ends the job when
+            # its first task exits (srun --kill-on-bad-exit) must not cut rank 0's wandb flush short.
+            dist.barrier()
+            raise
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -534,7 +542,9 @@ def _train(
     timeline_png: str | None = None
     steps_at_start, tokens_at_start = step, tokens
     window: list[dict[str, float]] = []
+    watch = PreemptionWatch()
     try:
+        watch.install()
         while step < plan.total_steps:
             t0 = time.perf_counter()
             batch = global_batch_at(tokens=tokens, sched=sched, gran=gran)
@@ -601,6 +611,13 @@ def _train(
             every = cfg.checkpoint.every_steps
             if every > 0 and step % every == 0 and step < plan.total_steps:
                 last_ckpt = save_periodic(step, tokens) or last_ckpt
+            if (sig := watch.agreed(device=device)) is not None and step < plan.total_steps:
+                if last_ckpt is None or last_ckpt.name != f"step_{step:08d}":
+                    last_ckpt = save(step, tokens)  # a failure here raises: the requeue then resumes earlier
+                writer.wait()
+                say(f"{sig.name}: stopped after step {step}/{plan.total_steps} with the checkpoint {last_ckpt}; "
+                    "relaunch (or let the job requeue) to resume from it")
+                raise Preempted(step=step, signal_name=sig.name, checkpoint=last_ckpt)
         if cfg.checkpoint.at_end and (last_ckpt is None or last_ckpt.name != f"step_{step:08d}"):
             last_ckpt = save(step, tokens)
         writer.wait()
@@ -610,6 +627,7 @@ def _train(
             say(f"checkpoints: {len(writer.blocking_s)} saved, training waited {sum(writer.blocking_s):.2f} s for them"
                 + (" (asynchronous)" if writer.async_save else ""))
     finally:
+        watch.restore()
         if metrics_file is not None:
             metrics_file.close()
         if wandb is not None:
