@@ -1,0 +1,147 @@
+"""megads under a real Slurm (tools/local_slurm.sh): sbatch, preemption with requeue, Hydra sweeps.
+
+A single-node Slurm 22.05 runs on the test machine: `.ci/run` starts it (and sets
+MEGADS_REQUIRE_SLURM=1, so that a Slurm that does not come up fails the suite instead of
+skipping it); elsewhere the fixture starts it when it can (root with apt-get) and skips otherwise.
+The jobs train the tiny model with 2 tasks on gloo, submitted as a user would.
+
+- `sbatch launch/slurm.sbatch` trains and exits 0 (the reference run of the next checks);
+- SIGUSR1 to the batch script (what `--signal=B:USR1@120` does before the time limit), ranks under
+  srun: every rank stops after the same step with a checkpoint, the script requeues the job, the
+  requeued job resumes from it: the per-step losses equal the uninterrupted job's bit for bit;
+- `scontrol requeue` (SIGTERM to every process of the job, Slurm requeues it), ranks under
+  torchrun inside srun: the same;
+- `megads-train -m hydra/launcher=slurm` with two learning rates: two jobs of 2 tasks each, two
+  run folders, two wandb runs in one group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["model=tiny", "parallel=ep", "seq_len=64", "schedule=tiny", "schedule.train_tokens=0",
+        "schedule.train_steps=12", "schedule.warmup_steps=2", "schedule.batch_start=4", "schedule.batch_end=4",
+        "data=fallback", "data.max_bytes=200000", "checkpoint.every_steps=100", "logging.loss_png=false",
+        "logging.expert_load_png=false", "logging.console_every=1", "logging.wandb.mode=offline"]
+CPU_NODE = ["--nodes", "1", "--ntasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1"]
+
+
+def _slurm_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    if not _slurm_up() and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run([str(REPO / "tools" / "local_slurm.sh"), "up"], check=False, timeout=600)
+    if not _slurm_up():
+        if os.environ.get("MEGADS_REQUIRE_SLURM") == "1":
+            pytest.fail("MEGADS_REQUIRE_SLURM=1 but no Slurm answers (tools/local_slurm.sh up failed?)")
+        pytest.skip("no Slurm here (as root, tools/local_slurm.sh up starts one)")
+
+
+def _env(tmp: Path, name: str, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHON": sys.executable, "MEGADS_SNAPSHOT": str(tmp / f"code-{name}"),
+            "WANDB_MODE": "offline", **extra}
+
+
+def _sbatch(tmp: Path, name: str, *overrides: str, env: dict[str, str] | None = None) -> str:
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--job-name", f"megads-test-{name}", *CPU_NODE, "-o", str(tmp / f"{name}.out"),
+         str(REPO / "launch" / "slurm.sbatch"), *ARGS, f"run_dir={tmp / name}", *overrides],
+        cwd=REPO, env=env or _env(tmp, name), capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout.strip().split(";")[0]
+
+
+def _state(job: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
+
+
+def _metrics(run: Path) -> list[tuple[int, float, float]]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(int(r["step"]), r["loss/lm"], r["grad_norm"]) for r in rows]
+
+
+def _wait(cond, what: str, timeout_s: float = 420) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _log(tmp: Path, name: str) -> str:
+    path = tmp / f"{name}.out"
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def test_sbatch_trains_and_preempted_jobs_requeue_without_losing_a_step(slurm: None, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    jobs = {
+        "ref": _sbatch(tmp_path, "ref"),
+        "usr1": _sbatch(tmp_path, "usr1"),
+        "requeue": _sbatch(tmp_path, "requeue", env=_env(tmp_path, "requeue", MEGADS_LAUNCHER="torchrun")),
+    }
+    # mid-run (after step 4 of 12): SIGUSR1 to the batch script only (the --signal=B:USR1@N path) ...
+    _wait(lambda: len(_metrics(tmp_path / "usr1")) >= 4, "step 4 of the usr1 job")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", jobs["usr1"]], check=True, timeout=30)
+    # ... and scontrol requeue: SIGTERM to every process of the job, Slurm requeues it
+    _wait(lambda: len(_metrics(tmp_path / "requeue")) >= 4, "step 4 of the requeue job")
+    subprocess.run(["scontrol", "requeue", jobs["requeue"]], check=True, timeout=30)
+    for name, job in jobs.items():
+        _wait(lambda job=job: _state(job) == "", f"job {name} ({job}) to finish: {_log(tmp_path, name)[-2000:]}")
+    wall = time.monotonic() - t0
+
+    ref_log = _log(tmp_path, "ref")
+    assert "done: 12 steps" in ref_log and "restart 1" not in ref_log, ref_log[-3000:]
+    ref = _metrics(tmp_path / "ref")
+    assert [s for s, *_ in ref] == list(range(1, 13))
+    for name in ("usr1", "requeue"):
+        log = _log(tmp_path, name)
+        assert "(restart 1)" in log, log[-3000:]  # the job ran again after the requeue
+        stops = [line for line in log.splitlines() if "stopped after step" in line]
+        assert len(stops) == 1, log[-3000:]
+        stopped = int(stops[0].split("stopped after step ")[1].split("/")[0])
+        assert 4 <= stopped < 12
+        assert f"resumed from {tmp_path / name / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in log
+        assert _metrics(tmp_path / name) == ref, name  # 0 steps lost, every step bit-identical
+    print(f"3 jobs (2 preempted and requeued) in {wall:.0f} s")
+
+
+def test_a_hydra_sweep_submits_one_slurm_job_per_point(slurm: None, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    out = subprocess.run(
+        [sys.executable, "-m", "megads.train.cli", "-m", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2",
+         "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20",
+         f"hydra.sweep.dir={sweep}", *[a for a in ARGS if not a.startswith("logging.wandb")],
+         "logging.wandb.mode=offline", "schedule.train_steps=4", "optim.lr=1e-3,2e-3"],
+        cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.jsonl").is_file())
+    assert [p.name for p in runs] == ["0_optim.lr=0.001", "1_optim.lr=0.002"], list(sweep.iterdir())
+    groups = set()
+    for run in runs:
+        assert [s for s, *_ in _metrics(run)] == [1, 2, 3, 4], run
+        meta = json.loads(next((run / "wandb").glob("offline-run-*/files/wandb-metadata.json")).read_text()) \
+            if list((run / "wandb").glob("offline-run-*/files/wandb-metadata.json")) else {}
+        del meta  # the group is read from the run's own record below
+        groups.add((run / "wandb_group.txt").read_text().strip())
+    assert len(groups) == 1 and groups != {""}, groups
+    logs = list((sweep / ".submitit").rglob("*_0_log.out"))
+    assert logs and any("[megads" in p.read_text() for p in logs)  # the console lines reach the job logs
