@@ -110,17 +110,17 @@ def layer_elems(cfg: ModelConfig, layer: int, *, seq_len: int, recompute: str = 
         if inner:
             swiglu_elems(e, "dense SwiGLU", cfg.intermediate_size)
         return e
-    K, E, I = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size
+    K, E, width = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size
     if recompute == "full":
         e.add("attention step input", act=D)
     _norm(e, "ffn norm", D)
     e.add("router", f32=E + 2 * K + 2, i64=K)
     e.add("dispatch order + rows", i64=K, gemm=K * D)
     if inner:
-        swiglu_elems(e, "routed experts", I, rows_per_token=K)
+        swiglu_elems(e, "routed experts", width, rows_per_token=K)
     e.add("combine", i64=K, act=2 * K * D, f32=K)
     if cfg.n_shared_experts and inner:
-        swiglu_elems(e, "shared experts", I * cfg.n_shared_experts)
+        swiglu_elems(e, "shared experts", width * cfg.n_shared_experts)
     return e
 
 
