@@ -34,6 +34,7 @@ class ClusterConfig:
     hbm_tbps: float = 3.35
     nvlink_gbps: float = 160.0  # per GPU, one direction, what a collective can reach
     internode_gbps: float = 50.0  # per GPU, one direction (one 400 Gb/s NIC per GPU)
+    collective_latency_us: float = 30.0  # fixed cost of one all-to-all / ring collective
 
     @property
     def world_size(self) -> int:
@@ -43,6 +44,8 @@ class ClusterConfig:
         errors = [f"cluster.{n}={getattr(self, n)} must be > 0" for n in (
             "nodes", "gpus_per_node", "sm_count", "peak_tflops_bf16", "peak_tflops_fp8", "hbm_gb", "hbm_tbps",
             "nvlink_gbps", "internode_gbps") if not getattr(self, n) > 0]
+        if self.collective_latency_us < 0:
+            errors.append(f"cluster.collective_latency_us={self.collective_latency_us} must be >= 0")
         if errors:
             raise ValueError("invalid cluster config (conf/cluster/*.yaml or cluster.* overrides):\n  - "
                              + "\n  - ".join(errors))
@@ -65,7 +68,6 @@ class EfficiencyConfig:
     elementwise_passes: float = 2.0  # HBM passes per saved activation byte in the forward (written once, read once); backward 2x
     nvlink: float = 0.95  # all-to-all over NVLink, of cluster.nvlink_gbps
     internode: float = 0.90  # all-to-all and data-parallel collectives over the network
-    a2a_latency_us: float = 30.0  # fixed cost of one all-to-all
     comm_sms: int = 20  # SMs held by the overlapped communication kernels (compute runs on the rest)
     dp_overlap: float = 0.0  # fraction of ZeRO-1 reduce-scatter / all-gather hidden behind compute
 
@@ -77,8 +79,8 @@ class EfficiencyConfig:
                 errors.append(f"efficiency.{n}={v} must lie in (0, 1] (a fraction of the peak)")
         if not 0 <= self.dp_overlap <= 1:
             errors.append(f"efficiency.dp_overlap={self.dp_overlap} must lie in [0, 1]")
-        if self.elementwise_passes < 0 or self.a2a_latency_us < 0 or self.comm_sms < 0:
-            errors.append("efficiency.elementwise_passes, a2a_latency_us and comm_sms must be >= 0")
+        if self.elementwise_passes < 0 or self.comm_sms < 0:
+            errors.append("efficiency.elementwise_passes and efficiency.comm_sms must be >= 0")
         if errors:
             raise ValueError("invalid efficiency config (efficiency.* overrides):\n  - " + "\n  - ".join(errors))
 

@@ -224,7 +224,7 @@ def a2a_seconds(cfg: ModelConfig, plan: LayoutPlan, cluster: ClusterConfig, eff:
         intra = tokens * K * row * (1 - 1 / rpn)
     t_intra = intra / (cluster.nvlink_gbps * GB * eff.nvlink)
     t_inter = inter / (cluster.internode_gbps * GB * eff.internode)
-    return max(t_intra, t_inter) + eff.a2a_latency_us * 1e-6
+    return max(t_intra, t_inter) + cluster.collective_latency_us * 1e-6
 
 
 # ------------------------------------------------------------------------------------- work
@@ -392,6 +392,27 @@ def rank_activation_peak(schedule: Any, *, rank: int, piece_bytes: list[float]) 
     return peak
 
 
+def rank_model_state(pc: PlanConfig, plan: LayoutPlan, layout: Any, *, rank: int) -> tuple[RankParams, list[Zero1Bytes]]:
+    """Parameters of pipeline rank `rank` and its ZeRO-1 spaces (dense, expert, tied).
+
+    Bucket padding: one round-up of each space to a multiple of its group size, which is
+    megads' padding whenever a space fits one bucket or every bucket is a multiple of g (the
+    671B recipe: buckets of multiples of 128 elements); otherwise megads pads each bucket and
+    the count is low by less than g elements per bucket.
+    """
+    specs = piece_specs(plan.stage_layers)
+    mine = [specs[i] for i in rank_pieces(layout, rank=rank)]
+    tied = set(layout.piece_ranks(0)) != set(layout.piece_ranks(layout.num_pieces - 1))
+    rp = rank_parameters(pc.model, layers=[i for s in mine for i in s.layers], first=any(s.first for s in mine),
+                         last=any(s.last for s in mine), ep=plan.ep, embedding_tied=tied)
+    moments = 2 if pc.parallel.moments_dtype == "bfloat16" else 4
+    g = plan.dp if pc.parallel.zero1 else 1
+    ge = plan.edp if pc.parallel.zero1 else 1
+    z = [Zero1Bytes(numel=n, group_size=gg, padding=(-n) % gg, moments_bytes=moments)
+         for n, gg in ((rp.dense, g), (rp.expert, ge), (rp.tied, g))]
+    return rp, z
+
+
 def estimate(pc: PlanConfig, cand: Candidate, *, plan: LayoutPlan | None = None) -> Estimate:
     """Memory, time and cost of `cand` (ValueError when the layout is invalid)."""
     cfg, cl, eff = pc.model, pc.cluster, pc.efficiency
@@ -410,20 +431,14 @@ def estimate(pc: PlanConfig, cand: Candidate, *, plan: LayoutPlan | None = None)
     sim = simulate(sched, costs=costs, strict=False)
     replicas = max(len(layout.piece_ranks(p)) for p in range(layout.num_pieces))
     moments = 2 if pc.parallel.moments_dtype == "bfloat16" else 4
-    tied = set(layout.piece_ranks(0)) != set(layout.piece_ranks(layout.num_pieces - 1))
     worst: MemoryBreakdown | None = None
     dp_s = opt_s = 0.0
     usable = cl.hbm_gb * GB * (1 - pc.memory_margin)
     for r in range(cand.pp):
         mine = [specs[i] for i in rank_pieces(layout, rank=r)]
-        rp = rank_parameters(cfg, layers=[i for s in mine for i in s.layers], first=any(s.first for s in mine),
-                             last=any(s.last for s in mine), ep=plan.ep, embedding_tied=tied)
+        rp, z = rank_model_state(pc, plan, layout, rank=r)
         g = plan.dp if pc.parallel.zero1 else 1
         ge = plan.edp if pc.parallel.zero1 else 1
-        z = [Zero1Bytes(numel=rp.dense, group_size=g, padding=(-rp.dense) % g, moments_bytes=moments),
-             Zero1Bytes(numel=rp.expert, group_size=ge, padding=(-rp.expert) % ge, moments_bytes=moments),
-             Zero1Bytes(numel=rp.tied, group_size=g, padding=(-rp.tied) % g, moments_bytes=moments)]
-        # exact ZeRO-1 line needs megads' bucket padding: (numel + padding) / g with padding 0 when g divides
         opt = float(sum(zz.total for zz in z))
         params = float(rp.total * FP32)
         acts = rank_activation_peak(sched, rank=r, piece_bytes=[w.act_bytes for w in works])
@@ -439,12 +454,12 @@ def estimate(pc: PlanConfig, cand: Candidate, *, plan: LayoutPlan | None = None)
         if worst is None or mb.total > worst.total:
             worst = mb
         # ZeRO-1 exchange: reduce-scatter FP32 gradients + all-gather FP32 parameters, ring
-        link = cl.internode_gbps * GB * eff.internode if plan.dp > cl.gpus_per_node // max(plan.ep, 1) or cand.pp > 1 \
-            else cl.nvlink_gbps * GB * eff.nvlink
+        # a stage's dp group (and its edp groups) are dp consecutive ranks: across nodes iff dp > a node
+        link = cl.internode_gbps * GB * eff.internode if plan.dp > cl.gpus_per_node else cl.nvlink_gbps * GB * eff.nvlink
         t = 0.0
         for numel, grp in ((rp.dense + rp.tied, g), (rp.expert, ge)):
             if grp > 1:
-                t += 2 * (grp - 1) / grp * numel * FP32 / link
+                t += 2 * (grp - 1) / grp * numel * FP32 / link + 2 * cl.collective_latency_us * 1e-6
         owned = sum(zz.owned for zz in z)
         opt_t = owned * (3 * 4 + 4 * moments) / (cl.hbm_tbps * 1e12 * eff.hbm)
         dp_s, opt_s = max(dp_s, t * (1 - eff.dp_overlap)), max(opt_s, opt_t)

@@ -70,3 +70,32 @@ class SavedTensorTracker(torch.autograd.graph.saved_tensors_hooks):
         if ref[1] == 0:
             self.live -= ref[0]
             del self.refs[key]
+
+
+def pipeline_peak_worker(
+    rank: int, world: int, cfg_kwargs: dict[str, Any], cases: list[tuple[str, int, int]], seq_len: int, outdir: str
+) -> None:
+    """Spawned rank of a pp = world, ep = 1 pipeline: for each (schedule, micro-batches, micro-batch
+    size) one optimizer step under a `SavedTensorTracker`; rank r writes its peak bytes per case to
+    `outdir/peak_<schedule>_<rank>.pt`. Every rank builds the same seed, so all see the same batch."""
+    import os
+
+    from megads.model.config import ModelConfig
+    from megads.parallel.config import pieces_per_rank
+    from megads.parallel.executor import OptimSettings, ParallelExecutor
+    from megads.parallel.mesh import ParallelMesh, plan_layout
+
+    cfg = ModelConfig(**cfg_kwargs)
+    for schedule, m, mbs in cases:
+        plan = plan_layout(world_size=world, pp=world, ep=1, num_layers=cfg.num_hidden_layers,
+                           n_routed_experts=cfg.n_routed_experts, pieces_per_rank=pieces_per_rank(schedule))
+        mesh = ParallelMesh.build(plan)
+        ex = ParallelExecutor(cfg, mesh=mesh, plan=plan, schedule=schedule, micro_batch_size=mbs, seed=0,
+                              optim=OptimSettings(lr=1e-3))
+        g = torch.Generator().manual_seed(0)
+        tok = torch.randint(0, cfg.vocab_size, (m * mbs, seq_len + 1), generator=g)
+        tracker = SavedTensorTracker(exclude=list(ex.model.parameters()))
+        with tracker:
+            ex.step(tok[:, :-1].contiguous(), tok[:, 1:].contiguous(), mtp_weight=0.3)
+        torch.save({"peak": tracker.peak, "live_after": tracker.live, "stage_layers": list(plan.stage_layers)},
+                   os.path.join(outdir, f"peak_{schedule}_{rank}.pt"))
