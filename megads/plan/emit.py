@@ -22,7 +22,7 @@ def train_overrides(pc: PlanConfig, est: Estimate, *, model_choice: str, paralle
         f"memory.recompute={c.recompute}",
         f"memory.loss_chunk_tokens={pc.loss_chunk_tokens}",
         f"schedule.batch_end={pc.global_batch}",
-        f"schedule.batch_start={min(pc.global_batch, est.plan.dp // c.cp * c.micro_batch_size * est.time.microbatches)}",
+        f"schedule.batch_start={pc.global_batch}",  # the planned batch from the first step (no ramp)
     ]
     return out
 
@@ -32,6 +32,9 @@ def sbatch_command(pc: PlanConfig, est: Estimate, *, model_choice: str, parallel
     args = " ".join(train_overrides(pc, est, model_choice=model_choice, parallel_choice=parallel_choice))
     cmd = f"sbatch --nodes {pc.cluster.nodes} --ntasks-per-node {pc.cluster.gpus_per_node} " \
           f"--gpus-per-node {pc.cluster.gpus_per_node} launch/slurm.sbatch {args}"
+    if not est.memory.fits:
+        return (f"# does not fit: {est.memory.total / 1e9:.0f} GB predicted on pipeline rank {est.memory.pp_rank}, "
+                f"{est.memory.usable / 1e9:.0f} GB usable: " + cmd)
     if not est.candidate.launchable:
         return "# not launchable (context parallel is not in megads' mesh yet): " + cmd
     if pc.precision == "fp8":
