@@ -129,6 +129,11 @@ class Costs:
             return self.FB if self.FB is not None else self.F + self.B + self.W
         return 0.0
 
+    def duration(self, action: Action) -> float:
+        """Duration of one compute action: `of(action.op)` here; a subclass may make it depend on
+        the chunks the action runs (the capacity planner's per-piece costs)."""
+        return self.of(action.op)
+
 
 def F(chunk: int, mb: int) -> Action:
     return Action(Op.F, chunk, mb)

@@ -269,7 +269,7 @@ def simulate(schedule: Schedule, *, costs: Costs | None = None, strict: bool = T
                             do_b(r, comp, part.chunk, part.mb)
                         if part.op in (Op.W, Op.BW):
                             do_w(r, comp, part.chunk, part.mb)
-                    dur = costs.of(comp.op)
+                    dur = costs.duration(comp)
                     timeline.append(TimedAction(r, comp, start, start + dur))
                     busy[r] += dur
                     clock[r] = start + dur
