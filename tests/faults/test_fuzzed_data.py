@@ -147,6 +147,13 @@ def _invalid_utf8_inside(path: Path, text: str) -> None:
 
 PARQUET_KINDS = ("bytes", "bytes", "utf8", "wrong_column", "wrong_type", "no_rows")
 SAVED_KINDS = ("arrow", "arrow", "utf8", "missing_arrow", "state", "info", "info_type", "wrong_column", "no_rows")
+# the outcome each kind must have (None: either, as the random damage falls), and the skip it counts
+EXPECTED: dict[str, tuple[str | None, str | None]] = {
+    "bytes": (None, None), "arrow": (None, None), "info": (None, None),  # "{}" still loads: the Arrow schema wins
+    "utf8": (None, None),  # parquet: pyarrow's reader refuses it; saved: a counted invalid_utf8 skip (asserted below)
+    "wrong_column": ("refused", None), "missing_arrow": ("refused", None), "state": ("refused", None),
+    "info_type": ("refused", None), "wrong_type": ("processed", "not_a_string"), "no_rows": ("processed", "empty_file"),
+}
 
 
 def _parquet_case(tmp: Path, case: int) -> tuple[Path, int, str]:
@@ -217,8 +224,14 @@ def test_fuzzed_parquet_and_saved_datasets_are_processed_or_refused_naming_the_f
             with pytest.raises(ValueError):  # nothing half-written is loadable
                 IndexedTokens(out)
             assert not any(case_dir.glob("out*"))
+            assert EXPECTED[kind][0] in (None, "refused"), (case, kind, str(e))
             outcomes["refused"].append(kind)
             continue
+        assert EXPECTED[kind][0] in (None, "processed"), (case, kind)
+        if EXPECTED[kind][1] is not None:
+            assert s.skipped.get(EXPECTED[kind][1], 0) == max(n_rows, 1), (case, kind, s.skipped)
+        if kind == "utf8" and make is _saved_case:
+            assert s.skipped == {"invalid_utf8": 1}, s.skipped
         data = IndexedTokens(out)
         data.verify()
         assert data.n_docs == s.documents
