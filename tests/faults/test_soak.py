@@ -10,7 +10,7 @@ from /proc while it trains. After the warm-up (the first checkpoints included), 
     fds and threads: the end window's median no higher than the start window's, and no sample
     above it by more than a save in flight accounts for (FD_SLACK, THREAD_SLACK)
 
-Slow: 2,000 steps, a checkpoint every 100 (about 3 minutes per save mode). Default suite: the
+Slow: 2,000 steps, a checkpoint every 100 (3-5 minutes per save mode on 2 cores). Default suite: the
 same run, sampler and assertions over 240 steps, a checkpoint every 20, RSS bound 2% (scaled to
 its fewer saves; it catches the per-save thread's fragmentation the long run found, see
 megads/checkpoint/writer.py).
