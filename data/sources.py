@@ -14,6 +14,7 @@ Every record yields a ``RawDoc``: either a text or a skip reason, with a referen
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import sysconfig
@@ -173,12 +174,25 @@ def _iter_text_file(path: str) -> Iterator[RawDoc]:
     yield _check_text(text, f"{path}:1", len(raw))
 
 
+def _parquet_rows(path: str) -> int:
+    """Rows of a parquet file from its footer; SourceError naming the file when it has none."""
+    import pyarrow.parquet as pq
+
+    try:
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    except Exception as err:  # a truncated file has no footer: pyarrow's error would not name it
+        raise SourceError(
+            f"{path}: not a readable parquet file ({type(err).__name__}: {err}); a truncated or altered copy? "
+            "Replace it, or set data.sources[].format if it is not parquet"
+        ) from err
+
+
 def _iter_records(path: str, reader: str, field: str) -> Iterator[RawDoc]:
     import datasets
 
     size = os.path.getsize(path)
-    if size == 0:
-        yield RawDoc(f"{path}:1", None, "empty_file", 0)
+    if size == 0 or (reader == "parquet" and _parquet_rows(path) == 0):
+        yield RawDoc(f"{path}:1", None, "empty_file", size)
         return
     try:
         ds = datasets.load_dataset(reader, data_files=[path], split="train", streaming=True)
@@ -200,16 +214,64 @@ def _iter_records(path: str, reader: str, field: str) -> Iterator[RawDoc]:
     except SourceError:
         raise
     except Exception as err:  # pyarrow / json / decoding errors: name the file and what to do
+        what = "a complete parquet file (a truncated or altered copy?)" if reader == "parquet" else "valid UTF-8 JSON lines"
         raise SourceError(
-            f"{path}: could not be read as {reader} ({type(err).__name__}: {err}); check that it is "
-            f"valid UTF-8 {reader} or set data.sources[].format"
+            f"{path}: could not be read as {reader} ({type(err).__name__}: {err}); check that it is {what} "
+            "or set data.sources[].format"
         ) from err
 
 
-def _iter_saved(root: str, field: str) -> Iterator[RawDoc]:
-    import datasets
+def _saved_files(root: Path) -> list[Path]:
+    """The .arrow files a save_to_disk folder's state.json lists, each present; SourceError naming
+    state.json, dataset_info.json or the missing file otherwise."""
+    state_path, info_path = root / "state.json", root / "dataset_info.json"
+    try:
+        files = [root / str(f["filename"]) for f in json.loads(state_path.read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SourceError(f"{state_path}: unreadable save_to_disk state ({type(err).__name__}: {err}); "
+                          "save the dataset again (Dataset.save_to_disk)") from err
+    try:
+        json.loads(info_path.read_text())
+    except (OSError, ValueError) as err:
+        raise SourceError(f"{info_path}: unreadable ({type(err).__name__}: {err}); save the dataset again") from err
+    for f in files:
+        if not f.is_file():
+            raise SourceError(f"{f}: listed in {state_path} but missing; save the dataset again")
+    return files
 
-    ds = datasets.load_from_disk(root)
+
+def _saved_error(root: Path, files: list[Path], err: Exception) -> SourceError:
+    """A failed load of a save_to_disk folder, naming the first .arrow file that does not read."""
+    import pyarrow as pa
+
+    for f in files:
+        try:
+            with pa.memory_map(str(f)) as m:
+                pa.ipc.open_stream(m).read_all().validate(full=False)
+        except Exception as bad:
+            return SourceError(f"{f}: not a readable Arrow file ({type(bad).__name__}: {bad}); a truncated or "
+                               "altered copy? Save the dataset again")
+    text = str(err) if len(str(err)) <= 300 else str(err)[:300] + " ..."  # pyarrow may quote a whole record
+    return SourceError(f"{root}: could not be loaded as a save_to_disk folder ({type(err).__name__}: {text}); "
+                       f"its .arrow files read, so {root / 'dataset_info.json'} (the features) does not match them?")
+
+
+def _iter_saved(root: str, field: str) -> Iterator[RawDoc]:
+    """Records of a save_to_disk folder. Text is read as Arrow bytes and decoded here, so invalid
+    UTF-8 is a counted skip of its record (as for the other readers); every Arrow array is
+    validated (offsets in bounds) before it is read. Arrow files carry no checksum: a byte altered
+    inside a text reads as altered text."""
+    import datasets
+    import pyarrow as pa
+
+    files = _saved_files(Path(root))
+    if not files:  # save_to_disk of no rows writes no .arrow file (and load_from_disk fails on it)
+        yield RawDoc(f"{root}:1", None, "empty_file", 0)
+        return
+    try:
+        ds = datasets.load_from_disk(root)
+    except Exception as err:
+        raise _saved_error(Path(root), files, err) from err
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise ValueError(f"{root}: DatasetDict without a 'train' split (splits: {', '.join(ds)})")
@@ -220,10 +282,31 @@ def _iter_saved(root: str, field: str) -> Iterator[RawDoc]:
             "set data.sources[].text_field"
         )
     i = 0
-    for batch in ds.select_columns([field]).iter(batch_size=1024):
-        for value in batch[field]:
+    batches = ds.select_columns([field]).with_format("arrow").iter(batch_size=1024)
+    while True:
+        try:
+            table = next(batches)
+            column = table.column(field)
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                column = column.cast(pa.large_binary())  # zero-copy: no UTF-8 check yet
+            column.validate(full=True)
+            values = column.to_pylist()
+        except StopIteration:
+            break
+        except Exception as err:
+            raise _saved_error(Path(root), files, err) from err
+        for value in values:
             i += 1
-            yield _check_text(value, f"{root}:{i}", len(value) if isinstance(value, str) else 1)
+            ref = f"{root}:{i}"
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    yield RawDoc(ref, None, "invalid_utf8", len(value))
+                    continue
+            yield _check_text(value, ref, len(value) if isinstance(value, str) else 1)
+    if i == 0:
+        yield RawDoc(f"{root}:1", None, "empty_file", 0)
 
 
 def iter_documents(src: ResolvedSource) -> Iterator[RawDoc]:

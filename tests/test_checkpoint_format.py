@@ -107,9 +107,10 @@ def test_folders_without_marker_never_count_and_all_corrupt_is_an_error(tmp_path
 
 
 def test_keep_last_prunes_completed_folders_only(tmp_path: Path) -> None:
+    writer = CheckpointWriter(tmp_path, keep_last=2)  # (a writer removes stale .tmp folders when it starts)
     (tmp_path / "step_00000009.tmp").mkdir(parents=True)
     for s in (1, 2, 3, 4):
-        _save(tmp_path, s, keep_last=2)
+        writer.save(s, {"model.w": torch.full((64, 64), float(s)), "run": {"step": s}}, meta={"step": s})
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["step_00000003", "step_00000004", "step_00000009.tmp"], names
     manifest = json.loads((tmp_path / "step_00000004" / "manifest.json").read_text())

@@ -298,17 +298,24 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def completed_steps(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
-    """Step folders with a completion marker, oldest first (by step number)."""
+def _step_folders(ckpt_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """(step, folder) of every folder named step_XXXXXXXX, by step number."""
     root = Path(ckpt_dir)
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        name = child.name
-        if name.startswith("step_") and name[5:].isdigit() and len(name) == 13 and (child / META_FILE).is_file():
-            found.append((int(name[5:]), child))
-    return [p for _, p in sorted(found)]
+    return sorted((int(c.name[5:]), c) for c in root.iterdir()
+                  if c.name.startswith("step_") and c.name[5:].isdigit() and len(c.name) == 13 and c.is_dir())
+
+
+def completed_steps(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
+    """Step folders with a completion marker, oldest first (by step number)."""
+    return [p for _, p in _step_folders(ckpt_dir) if (p / META_FILE).is_file()]
+
+
+def unmarked_step_folders(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
+    """Folders named like a step but without the completion marker: never a save's own output
+    (the marker is written before the rename), so another tool's folder or a damaged one."""
+    return [p for _, p in _step_folders(ckpt_dir) if not (p / META_FILE).is_file()]
 
 
 def newest_first(ckpt_dir: str | os.PathLike[str]) -> Iterator[Path]:

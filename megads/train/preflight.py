@@ -127,6 +127,17 @@ def checkpoint_meta(cfg: TrainConfig, *, world_size: int) -> dict[str, Any]:
     }
 
 
+def _foreign_fields(meta: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The recorded model fields and seq_len that differ from this launch's, as "field saved -> now"."""
+    saved_model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    now_model = json.loads(json.dumps(dataclasses.asdict(cfg.model)))
+    out = [f"model.{k} {saved_model.get(k)!r} -> {v!r}" for k, v in now_model.items()
+           if saved_model and saved_model.get(k) != v]
+    if "seq_len" in meta and meta["seq_len"] != cfg.seq_len:
+        out.append(f"seq_len {meta['seq_len']!r} -> {cfg.seq_len!r}")
+    return out
+
+
 def check_resume(cfg: TrainConfig, *, resume_from: Path, world_size: int, fingerprint: str) -> list[str]:
     """Refuse a checkpoint this launch cannot continue; return the changed settings it may apply.
 
@@ -144,11 +155,19 @@ def check_resume(cfg: TrainConfig, *, resume_from: Path, world_size: int, finger
     moved = [f"{k} {saved_layout.get(k)!r} -> {now[k]!r}" for k in now if saved_layout.get(k) != now[k]]
     if moved:  # the state is stored by global name and reshards on load (docs/checkpoints.md)
         log.info(f"{resume_from.name}: parallel layout changed, the state is resharded on load: " + ", ".join(moved))
+    if meta.get("weights_only"):
+        raise ConfigError(
+            f"{resume_from} holds weights only (a megads-convert folder), not a training state to resume: "
+            f"start a new run_dir with checkpoint.init_from={resume_from}, or move it out of {resume_from.parent}"
+        )
     if meta.get("fingerprint") != fingerprint:
+        differs = _foreign_fields(meta, cfg)
         raise ConfigError(
             f"{resume_from} belongs to a run with a different model, data, seq_len or micro-batch size "
-            f"than this config; set another run_dir (or logging.run_name) for the new run, or delete "
-            f"{resume_from.parent} to start over in this folder"
+            f"than this config" + (f" ({'; '.join(differs)})" if differs else "")
+            + f"; it is not loaded. Set another run_dir (or logging.run_name) for the new run, move that folder "
+            f"out of {resume_from.parent} if it came from another run, or delete {resume_from.parent} to start "
+            "over in this folder"
         )
     saved = meta.get("settings")
     if saved is None:
