@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from megads.train.preemption import EXIT_PREEMPTED, MARKER_ENV, Preempted, PreemptionWatch, touch_marker
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,9 +27,11 @@ from pathlib import Path
 
 import pytest
 
+from megads.testing.wandb_log import read_records, run_record
+
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["model=tiny", "parallel=ep", "seq_len=64", "schedule=tiny", "schedule.train_tokens=0",
-        "schedule.train_steps=12", "schedule.warmup_steps=2", "schedule.batch_start=4", "schedule.batch_end=4",
+        "schedule.train_steps=20", "schedule.warmup_steps=2", "schedule.batch_start=4", "schedule.batch_end=4",
         "data=fallback", "data.max_bytes=200000", "checkpoint.every_steps=100", "logging.loss_png=false",
         "logging.expert_load_png=false", "logging.console_every=1", "logging.wandb.mode=offline"]
 CPU_NODE = ["--nodes", "1", "--ntasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1"]
@@ -98,27 +100,32 @@ def test_sbatch_trains_and_preempted_jobs_requeue_without_losing_a_step(slurm: N
         "usr1": _sbatch(tmp_path, "usr1"),
         "requeue": _sbatch(tmp_path, "requeue", env=_env(tmp_path, "requeue", MEGADS_LAUNCHER="torchrun")),
     }
-    # mid-run (after step 4 of 12): SIGUSR1 to the batch script only (the --signal=B:USR1@N path) ...
-    _wait(lambda: len(_metrics(tmp_path / "usr1")) >= 4, "step 4 of the usr1 job")
-    subprocess.run(["scancel", "--batch", "--signal=USR1", jobs["usr1"]], check=True, timeout=30)
-    # ... and scontrol requeue: SIGTERM to every process of the job, Slurm requeues it
-    _wait(lambda: len(_metrics(tmp_path / "requeue")) >= 4, "step 4 of the requeue job")
-    subprocess.run(["scontrol", "requeue", jobs["requeue"]], check=True, timeout=30)
+    # mid-run (after step 4 of 20): SIGUSR1 to the batch script only (the --signal=B:USR1@N path), and
+    # scontrol requeue (SIGTERM to every process of the job, then Slurm requeues it)
+    actions = {"usr1": ["scancel", "--batch", "--signal=USR1", jobs["usr1"]],
+               "requeue": ["scontrol", "requeue", jobs["requeue"]]}
+
+    def signal_when_due() -> bool:
+        for name in [n for n in actions if len(_metrics(tmp_path / n)) >= 4]:
+            subprocess.run(actions.pop(name), check=True, timeout=30)
+        return not actions
+
+    _wait(signal_when_due, "step 4 of the jobs to signal")
     for name, job in jobs.items():
         _wait(lambda job=job: _state(job) == "", f"job {name} ({job}) to finish: {_log(tmp_path, name)[-2000:]}")
     wall = time.monotonic() - t0
 
     ref_log = _log(tmp_path, "ref")
-    assert "done: 12 steps" in ref_log and "restart 1" not in ref_log, ref_log[-3000:]
+    assert "done: 20 steps" in ref_log and "restart 1" not in ref_log, ref_log[-3000:]
     ref = _metrics(tmp_path / "ref")
-    assert [s for s, *_ in ref] == list(range(1, 13))
+    assert [s for s, *_ in ref] == list(range(1, 21))
     for name in ("usr1", "requeue"):
         log = _log(tmp_path, name)
         assert "(restart 1)" in log, log[-3000:]  # the job ran again after the requeue
         stops = [line for line in log.splitlines() if "stopped after step" in line]
         assert len(stops) == 1, log[-3000:]
         stopped = int(stops[0].split("stopped after step ")[1].split("/")[0])
-        assert 4 <= stopped < 12
+        assert 4 <= stopped < 20
         assert f"resumed from {tmp_path / name / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in log
         assert _metrics(tmp_path / name) == ref, name  # 0 steps lost, every step bit-identical
     print(f"3 jobs (2 preempted and requeued) in {wall:.0f} s")
@@ -126,22 +133,26 @@ def test_sbatch_trains_and_preempted_jobs_requeue_without_losing_a_step(slurm: N
 
 def test_a_hydra_sweep_submits_one_slurm_job_per_point(slurm: None, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
+    t0 = time.monotonic()
     out = subprocess.run(
         [sys.executable, "-m", "megads.train.cli", "-m", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2",
          "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20",
-         f"hydra.sweep.dir={sweep}", *[a for a in ARGS if not a.startswith("logging.wandb")],
-         "logging.wandb.mode=offline", "schedule.train_steps=4", "optim.lr=1e-3,2e-3"],
+         f"hydra.sweep.dir={sweep}", *ARGS, "schedule.train_steps=4", "optim.lr=1e-3,2e-3"],
         cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.jsonl").is_file())
     assert [p.name for p in runs] == ["0_optim.lr=0.001", "1_optim.lr=0.002"], list(sweep.iterdir())
-    groups = set()
+    groups, ids = set(), set()
     for run in runs:
         assert [s for s, *_ in _metrics(run)] == [1, 2, 3, 4], run
-        meta = json.loads(next((run / "wandb").glob("offline-run-*/files/wandb-metadata.json")).read_text()) \
-            if list((run / "wandb").glob("offline-run-*/files/wandb-metadata.json")) else {}
-        del meta  # the group is read from the run's own record below
-        groups.add((run / "wandb_group.txt").read_text().strip())
-    assert len(groups) == 1 and groups != {""}, groups
-    logs = list((sweep / ".submitit").rglob("*_0_log.out"))
-    assert logs and any("[megads" in p.read_text() for p in logs)  # the console lines reach the job logs
+        (log,) = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+        rec = run_record(read_records(log))
+        groups.add(rec.run_group)
+        ids.add(rec.run_id)
+    assert len(ids) == 2 and len(groups) == 1 and groups != {""}, (ids, groups)
+    job_logs = list((sweep / ".submitit").rglob("*_0_log.out"))
+    assert len(job_logs) == 2, job_logs
+    for p in job_logs:  # the console lines reach the job logs, and both tasks trained as one job
+        text = p.read_text()
+        assert "[megads" in text and "ranks 2 (pp 1, dp 2" in text, text[-2000:]
+    print(f"sweep of 2 jobs in {time.monotonic() - t0:.0f} s")

@@ -265,10 +265,22 @@ class ParallelExecutor:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
         tokens = sum(int(ids.numel()) for ids, _ in mbs)
-        stats = torch.cat([stage.stats, torch.tensor([float(tokens) if self.mesh.is_first_stage else 0.0],
-                                                     dtype=torch.float64)]).to(self.device)
+        ds = self._dispatchers()
+        res = self.last_step_result
+        # world sums, in the one reduction of the step: tokens, dispatch bytes, exposed all-to-all
+        # seconds, nodes reached and tokens dispatched (node-limited routing), busy and wall seconds
+        extra = [float(tokens) if self.mesh.is_first_stage else 0.0, float(sum(d.sent_bytes for d in ds)),
+                 sum(d.wait_s for d in ds), float(sum(d.nodes_reached_sum for d in ds)),
+                 float(sum(d.tokens_dispatched for d in ds)), res.busy_s, res.wall_s]
+        stats = torch.cat([stage.stats, torch.tensor(extra, dtype=torch.float64)]).to(self.device)
         dist.all_reduce(stats, group=self.mesh.world_group)
         stats = stats.cpu()
+        a2a_bytes, a2a_wait, nodes_sum, dispatched, busy, wall = stats[4:10].tolist()
+        max_nodes = max([d.max_nodes_per_token for d in ds], default=0)
+        if ds and ds[0].ranks_per_node < ds[0].ep_size:  # node-limited routing: the world's most (same on all ranks)
+            most = torch.tensor([max_nodes], dtype=torch.float64, device=self.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.mesh.world_group)
+            max_nodes = int(most.item())
         denom = len(mbs) * self.mesh.dp
         lm, mtp, bal = (stats[:3] / denom).tolist()
         total = lm + bal + (mtp_weight * mtp if mtp_weight > 0 and self.cfg.num_nextn_predict_layers > 0 else 0.0)
@@ -285,9 +297,14 @@ class ParallelExecutor:
         return StepMetrics(
             loss=total, lm=lm, mtp=mtp, balance=bal, grad_norm=grad_norm,
             tokens=int(stats[3]), micro_batches=len(mbs), expert_load_RE=load_RE, expert_load=load, skipped=skipped,
-            extras={"a2a_rows_sent": sum(d.sent_rows for d in self._dispatchers()),
-                    "a2a_remote_rows_sent": sum(d.sent_remote_rows for d in self._dispatchers()),
-                    "max_nodes_per_token": max([d.max_nodes_per_token for d in self._dispatchers()], default=0)},
+            extras={"a2a_rows_sent": sum(d.sent_rows for d in ds),
+                    "a2a_remote_rows_sent": sum(d.sent_remote_rows for d in ds),
+                    "a2a_bytes": a2a_bytes,  # dispatch bytes sent by all ranks in the step
+                    "a2a_wait_s": a2a_wait / self.mesh.world_size,  # mean per rank: the part not hidden
+                    "nodes_per_token_mean": nodes_sum / dispatched if dispatched else 0.0,
+                    "max_nodes_per_token": max_nodes,
+                    # idle share of the step's wall time, mean over ranks (pipeline bubble + waits)
+                    "bubble_fraction": max(0.0, 1.0 - busy / wall) if wall > 0 else 0.0},
         )
 
     def save_timeline_png(self, path: str, *, title: str) -> str | None:

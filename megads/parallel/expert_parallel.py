@@ -34,6 +34,7 @@ Shapes: N tokens, K top-k, D hidden, M rows this rank's experts receive, S rows 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,10 +53,14 @@ class _Pending:
 
     work: Any = None
     keep: list[torch.Tensor] = field(default_factory=list)
+    on_wait: Callable[[float], None] | None = None  # told the seconds this rank blocked in wait()
 
     def wait(self) -> None:
         if self.work is not None:
+            t0 = time.perf_counter()
             self.work.wait()
+            if self.on_wait is not None:
+                self.on_wait(time.perf_counter() - t0)
             self.work = None
         self.keep.clear()
 
@@ -97,9 +102,11 @@ def all_to_all_rows(
     out_splits: list[int],
     in_splits: list[int],
     group: dist.ProcessGroup | None,
+    on_wait: Callable[[float], None] | None = None,
 ) -> tuple[torch.Tensor, _Pending]:
-    """Start a differentiable uneven all-to-all of rows; read the result only after `pending.wait()`."""
-    pending = _Pending()
+    """Start a differentiable uneven all-to-all of rows; read the result only after `pending.wait()`
+    (`on_wait` is told how long that wait blocked)."""
+    pending = _Pending(on_wait=on_wait)
     out = _AllToAll.apply(x_SD, out_splits, in_splits, group, pending)
     return out, pending
 
@@ -172,12 +179,21 @@ class AllToAllDispatcher:
         self.sent_remote_rows = 0
         self.sent_bytes = 0  # bytes of the rows this rank sent in dispatch (their dtype decides)
         self.max_nodes_per_token = 0  # most nodes one token reached since the last reset
+        self.nodes_reached_sum = 0  # sum over dispatched tokens of the nodes each reached (mean = / tokens)
+        self.tokens_dispatched = 0
+        self.wait_s = 0.0  # seconds this rank blocked waiting for its forward exchanges (the exposed part)
 
     def reset_volume(self) -> None:
         self.sent_rows = 0
         self.sent_remote_rows = 0
         self.sent_bytes = 0
         self.max_nodes_per_token = 0
+        self.nodes_reached_sum = 0
+        self.tokens_dispatched = 0
+        self.wait_s = 0.0
+
+    def _waited(self, seconds: float) -> None:
+        self.wait_s += seconds
 
     # -- dispatch ---------------------------------------------------------------------------------
     def dispatch_start(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor) -> DispatchHandle:
@@ -197,11 +213,18 @@ class AllToAllDispatcher:
         out_splits = [sum(r) for r in recv_counts]
         self.sent_rows += sum(in_splits)
         self.sent_remote_rows += sum(in_splits) - in_splits[self.ep_rank]
-        if N and self.ranks_per_node < self.ep_size:
-            self.max_nodes_per_token = max(self.max_nodes_per_token, int(self.nodes_reached(topk_idx_NK).max()))
+        self.tokens_dispatched += N
+        if N and self.ranks_per_node < self.ep_size:  # on one node every token reaches exactly one
+            nodes_N = self.nodes_reached(topk_idx_NK)
+            self.max_nodes_per_token = max(self.max_nodes_per_token, int(nodes_N.max()))
+            self.nodes_reached_sum += int(nodes_N.sum())
+        elif N:
+            self.max_nodes_per_token = max(self.max_nodes_per_token, 1)
+            self.nodes_reached_sum += N
         x_SD = x_ND.index_select(0, sort_S // K)
         self.sent_bytes += x_SD.numel() * x_SD.element_size()
-        rows_MD, pending = all_to_all_rows(x_SD, out_splits=out_splits, in_splits=in_splits, group=self.group)
+        rows_MD, pending = all_to_all_rows(x_SD, out_splits=out_splits, in_splits=in_splits, group=self.group,
+                                           on_wait=self._waited)
         # Received blocks are (source p, local expert l) with recv_counts[p][l] rows; sort by (l, p).
         recv_PL = torch.tensor(recv_counts, dtype=torch.long, device=x_ND.device)
         key_PL = torch.arange(L, device=x_ND.device).unsqueeze(0) * P + torch.arange(P, device=x_ND.device).unsqueeze(1)
@@ -225,7 +248,8 @@ class AllToAllDispatcher:
         inv_M[perm_M] = torch.arange(perm_M.numel(), device=perm_M.device)
         y_back_MD = y_MD.index_select(0, inv_M)  # (local expert, source) -> (source, local expert)
         rows_SD, pending = all_to_all_rows(
-            y_back_MD, out_splits=st["in_splits"], in_splits=st["out_splits"], group=self.group
+            y_back_MD, out_splits=st["in_splits"], in_splits=st["out_splits"], group=self.group,
+            on_wait=self._waited,
         )
         return CombineHandle(rows_SD=rows_SD, pending=pending, state=st)
 

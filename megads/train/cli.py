@@ -94,7 +94,7 @@ def _run(cfg: object) -> None:
 
     from megads.parallel.mesh import read_dist_env
     from megads.train.config import ConfigError, default_run_name, to_train_config, validate_config
-    from megads.train.preemption import EXIT_PREEMPTED, Preempted
+    from megads.train.preemption import EXIT_PREEMPTED, Preempted, hand_over
     from megads.train.run_lock import RunFolderLockedError
     from megads.train.trainer import train
 
@@ -119,13 +119,42 @@ def _run(cfg: object) -> None:
             validate_config(train_cfg, world_size=need)  # one clear message here, not one per rank
             _spawn_ranks(need, overrides=[*_config_args(hydra_cfg), *hydra_cfg.overrides.task], job_dir=job_dir)
             return
+        sweep = None
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # the sweep's jobs share a wandb group named after its folder
+            sweep = "sweep-" + "-".join(Path(str(hydra_cfg.sweep.dir)).parts[-2:])
         train(train_cfg, run_name=run_name, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-              job_dir=job_dir)
+              job_dir=job_dir, wandb_group=sweep)
     except (ConfigError, RunFolderLockedError) as e:
         print(f"megads-train: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except Preempted:
+    except Preempted as e:
+        if hand_over(e):  # submitit requeues the job itself (rank 0); the other ranks just end
+            return
         sys.exit(EXIT_PREEMPTED)  # 75: stopped on a signal with a checkpoint; a relaunch resumes from it
+
+
+def _sweep_dir_args(argv: list[str]) -> list[str]:
+    """For a multirun: name each job's folder after the swept overrides only.
+
+    Hydra names a sweep job's folder `<num>_<every override of the job>`; with the dozen fixed
+    overrides of a real command line that passes the file system's 255-byte name limit. The
+    fixed ones (parsed with Hydra's own override parser: not `a,b`, `range()`, `choice()`, ...)
+    are added to `hydra.job.config.override_dirname.exclude_keys` (with `run_dir`, as in
+    conf/config.yaml), so `-m optim.lr=1e-3,2e-3` gives `0_optim.lr=0.001`, `1_optim.lr=0.002`.
+    """
+    if "-m" not in argv and "--multirun" not in argv:
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    candidates = [a for a in argv[1:] if "=" in a and not a.startswith("-") and not a.startswith("hydra.")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except Exception:  # noqa: BLE001 - Hydra reports bad overrides itself, with its own message
+        return []
+    fixed = sorted({o.key_or_group for o in overrides if not o.is_sweep_override()} | {"run_dir"})
+    if any(a.startswith("hydra.job.config.override_dirname.exclude_keys") for a in argv):
+        return []  # the user chose
+    return ["hydra.job.config.override_dirname.exclude_keys=[" + ",".join(fixed) + "]"]
 
 
 def main() -> None:
@@ -141,6 +170,7 @@ def main() -> None:
     _setup_logging()
     register_configs()
     register_resolvers()
+    sys.argv += _sweep_dir_args(sys.argv)
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_run)()
 
 

@@ -104,6 +104,7 @@ class LoggingConfig:
     run_name: str | None = None  # None = "<model>-<schedule>" from the Hydra choices
     loss_png: bool = True  # loss curve PNG in the run folder at the end
     expert_load_png: bool = True  # expert-load imbalance PNG in the run folder at the end
+    heatmap_every: int = 50  # steps between per-expert load heatmaps (PNG + wandb image); 0 = only at the end
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -360,6 +361,8 @@ def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
     if s.bias_update_speed < 0 or s.mtp_weight < 0 or s.mtp_weight_after < 0:
         errors.append("schedule.bias_update_speed, mtp_weight and mtp_weight_after must be >= 0")
     lg, ck = cfg.logging, cfg.checkpoint
+    if lg.heatmap_every < 0:
+        errors.append(f"logging.heatmap_every={lg.heatmap_every} must be >= 0 (0 = one heatmap at the end)")
     if lg.console_every < 1 or lg.wandb_every < 1:
         errors.append(f"logging.console_every={lg.console_every} and wandb_every={lg.wandb_every} must be >= 1")
     if lg.wandb.mode not in ("auto", "online", "offline", "disabled"):

@@ -47,7 +47,9 @@ def _netrc_has_wandb() -> bool:
 class WandbLogger:
     """A wandb run that can never block or crash training."""
 
-    def __init__(self, cfg: WandbConfig, *, run_dir: Path, run_name: str, config: dict[str, Any]) -> None:
+    def __init__(self, cfg: WandbConfig, *, run_dir: Path, run_name: str, config: dict[str, Any],
+                 group: str | None = None, tags: list[str] | None = None) -> None:
+        """`group` and `tags` apply when the config names none (`logging.wandb.group` / `.tags` win)."""
         self.run: Any = None
         self.mode = resolve_wandb_mode(cfg)
         if self.mode == "disabled":
@@ -60,7 +62,8 @@ class WandbLogger:
             run_id = run_id_file.read_text().strip() if run_id_file.is_file() else uuid.uuid4().hex[:8]
             run_id_file.write_text(run_id)
             self.run = wandb.init(
-                project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags), name=run_name,
+                project=cfg.project, entity=cfg.entity, group=cfg.group or group,
+                tags=list(cfg.tags) or list(tags or []), name=run_name,
                 id=run_id, resume="allow", dir=str(run_dir), mode=self.mode, config=config,
                 settings=wandb.Settings(init_timeout=cfg.init_timeout_s, console="off"),
             )
@@ -76,6 +79,19 @@ class WandbLogger:
             return
         try:
             self.run.log(data, step=step)
+        except Exception as e:  # noqa: BLE001
+            self._fail("log", e)
+
+    def log_images(self, images: dict[str, Path | None], *, step: int | None = None) -> None:
+        """PNGs of the run folder as wandb images (missing ones are left out)."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            data = {k: wandb.Image(str(v)) for k, v in images.items() if v is not None and Path(v).is_file()}
+            if data:
+                self.run.log(data, step=step)
         except Exception as e:  # noqa: BLE001
             self._fail("log", e)
 
@@ -164,6 +180,31 @@ def plot_expert_load(history: list[dict[str, float]], path: Path) -> Path | None
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("expert load imbalance per router (bias update, all ranks)")
+    _save_png(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_heatmap(load_RE: Any, names: list[str], path: Path, *, step: int) -> Path | None:
+    """Per-expert load of one step as a heatmap: a row per router (layer), a column per routed
+    expert, colour = tokens routed there / the mean of that row (1 = balanced)."""
+    import torch
+
+    if load_RE is None or load_RE.numel() == 0 or not names:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    rows = load_RE.detach().to("cpu", torch.float64)[: len(names)]
+    rel = rows / rows.mean(dim=1, keepdim=True).clamp_min(1e-12)
+    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.12 * rel.shape[1]), 1.5 + 0.35 * rel.shape[0]))
+    im = ax.imshow(rel.numpy(), aspect="auto", cmap="magma", vmin=0.0, vmax=max(2.0, float(rel.max())))
+    ax.set_yticks(range(len(names)), [n.removesuffix(".mlp.gate") for n in names], fontsize=7)
+    ax.set_xlabel("routed expert")
+    ax.set_title(f"expert load / row mean at step {step} (all ranks)")
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
     _save_png(fig, path)
     plt.close(fig)
     return path

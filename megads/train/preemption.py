@@ -14,7 +14,8 @@ wandb history is flushed), and raises `Preempted`; the CLI exits with `EXIT_PREE
 EX_TEMPFAIL: "try again later") and, when the environment names one, touches the marker file
 `MEGADS_PREEMPTION_MARKER` (the batch script requeues the job when it finds it: torchrun's own
 exit code says nothing useful after it was signalled). The requeued job resumes from that
-checkpoint: 0 steps lost.
+checkpoint: 0 steps lost. Under submitit (Hydra sweeps on Slurm) its requeue signal (SIGUSR2)
+is watched too, and after the checkpoint it goes back to submitit's handler, which requeues.
 
 Repeats of the signal while the stop is pending change nothing: Slurm often delivers the same
 signal twice (to the tasks directly, and through srun, which forwards what it gets). To end a
@@ -41,6 +42,31 @@ PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 MARKER_ENV = "MEGADS_PREEMPTION_MARKER"
 
 
+def submitit_signal(environ: dict[str, str] | None = None) -> signal.Signals | None:
+    """The signal submitit requeues its jobs on (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says),
+    when this process is a submitit Slurm job (a Hydra sweep through hydra/launcher=slurm)."""
+    env = os.environ if environ is None else environ
+    if env.get("SUBMITIT_EXECUTOR") != "slurm":
+        return None
+    return getattr(signal, "SIG" + env.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+
+
+def watched_signals(environ: dict[str, str] | None = None) -> tuple[signal.Signals, ...]:
+    """SIGUSR1 and SIGTERM, and under submitit its requeue signal too (see `hand_over`)."""
+    extra = submitit_signal(environ)
+    return PREEMPTION_SIGNALS + ((extra,) if extra is not None and extra not in PREEMPTION_SIGNALS else ())
+
+
+def hand_over(preempted: Preempted) -> bool:
+    """Under submitit, after the checkpoint: give submitit's own signal back to its handler, which
+    requeues the job from rank 0 (its handler was restored when the watch ended). True if done."""
+    sig = submitit_signal()
+    if sig is None or preempted.signal_name != sig.name or not callable(signal.getsignal(sig)):
+        return False
+    signal.raise_signal(sig)
+    return True
+
+
 class Preempted(Exception):  # noqa: N818 - not an error: the run stopped as asked
     """The run stopped after `step` on `signal_name`, with the checkpoint `checkpoint`."""
 
@@ -52,8 +78,8 @@ class Preempted(Exception):  # noqa: N818 - not an error: the run stopped as ask
 class PreemptionWatch:
     """Signal handlers that record a stop request (a context manager: the old handlers come back)."""
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS) -> None:
-        self.signals = signals
+    def __init__(self, signals: tuple[signal.Signals, ...] | None = None) -> None:
+        self.signals = signals if signals is not None else watched_signals()
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, Any] = {}
 

@@ -51,13 +51,15 @@ from megads.checkpoint.state import (
 )
 from megads.checkpoint.writer import CheckpointWriteFailed, CheckpointWriter
 from megads.model import count_parameters
-from megads.parallel.executor import OptimSettings, ParallelExecutor, StepMetrics
+from megads.parallel.executor import OptimSettings, ParallelExecutor, StepMetrics, global_router_names
 from megads.parallel.mesh import DistEnv, ParallelMesh, init_distributed, read_dist_env
 from megads.pipeline.schedules import get_schedule
+from megads.plan.estimate import model_flops_per_token
 from megads.train.config import ConfigError, TrainConfig, validate_config
 from megads.train.data_source import build_loader, resolve_data_config
-from megads.train.monitor import WandbLogger, plot_expert_load, plot_loss
+from megads.train.monitor import WandbLogger, plot_expert_heatmap, plot_expert_load, plot_loss
 from megads.train.optim import param_groups_for
+from megads.train.perf import device_peak_flops, memory_figures
 from megads.train.preemption import Preempted, PreemptionWatch, touch_marker
 from megads.train.preflight import (
     check_resume,
@@ -243,14 +245,44 @@ class SkipGuard:
         return median if median is not None and loss > self.spike_factor * median else None
 
 
+@dataclass
+class PerfRef:
+    """What the per-step throughput figures are measured against (rank 0, once per run)."""
+
+    flops_per_token: float  # model training FLOPs per token (megads.plan.estimate)
+    peak_flops: float  # one rank's device peak (megads.train.perf)
+    ranks: int
+    node_limit: int  # M: the most nodes a token may reach under the layout
+    stage_index: int = 0  # of a staged run (0 otherwise)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
 def _history_entry(step: int, tokens: float, m: StepMetrics, *, lr: float, mtp_weight: float, gamma: float,
-                   batch: int, step_s: float) -> dict[str, float]:
+                   batch: int, step_s: float, perf: PerfRef | None = None) -> dict[str, float]:
+    tps = m.tokens / max(step_s, 1e-9)
     h: dict[str, float] = {
         "step": step, "tokens": tokens, "loss/total": m.loss, "loss/lm": m.lm, "loss/mtp": m.mtp,
-        "loss/balance": m.balance, "lr": lr, "grad_norm": m.grad_norm, "tokens_per_s": m.tokens / max(step_s, 1e-9),
+        "loss/balance": m.balance, "lr": lr, "grad_norm": m.grad_norm, "tokens_per_s": tps,
         "batch_sequences": batch, "mtp_weight": mtp_weight, "bias_update_speed": gamma, "step_time_s": step_s,
         "skipped": int(m.skipped),
     }
+    if perf is not None:
+        achieved = perf.flops_per_token * tps / perf.ranks  # per rank
+        h["perf/mfu"] = achieved / perf.peak_flops
+        h["perf/tflops_per_rank"] = achieved / 1e12
+        h["stage"] = perf.stage_index
+        h.update(memory_figures(perf.device))
+    x = m.extras
+    if "bubble_fraction" in x:
+        h["pipeline/bubble_fraction"] = x["bubble_fraction"]
+    if x.get("a2a_bytes"):
+        h["a2a/bytes"] = x["a2a_bytes"]
+        h["a2a/wait_s"] = x["a2a_wait_s"]
+    if x.get("nodes_per_token_mean"):
+        h["routing/nodes_per_token_mean"] = x["nodes_per_token_mean"]
+        h["routing/nodes_per_token_max"] = x["max_nodes_per_token"]
+        if perf is not None:
+            h["routing/node_limit"] = perf.node_limit
     if m.expert_load:
         imb = {name: s.imbalance for name, s in m.expert_load.items()}
         for name, v in imb.items():
@@ -262,12 +294,13 @@ def _history_entry(step: int, tokens: float, m: StepMetrics, *, lr: float, mtp_w
 
 def train(
     cfg: TrainConfig, *, run_name: str | None = None, resolved_yaml: str | None = None,
-    job_dir: str | Path | None = None,
+    job_dir: str | Path | None = None, wandb_group: str | None = None,
 ) -> TrainResult:
     """Run (or resume) the training job `cfg` on this rank; collective under torchrun / srun.
 
     `job_dir` is the Hydra job's output folder (hydra.run.dir, or the sweep job's folder under
-    hydra.sweep.dir); an explicit `run_dir` wins over it. With a stage list (`stages=...`) the
+    hydra.sweep.dir); an explicit `run_dir` wins over it. `wandb_group` groups the wandb runs of
+    a sweep (the CLI passes the sweep's name; `logging.wandb.group` wins). With a stage list (`stages=...`) the
     stages run one after the other in this process group (megads.train.stages); the result is
     the last stage's.
     """
@@ -305,13 +338,14 @@ def train(
                          timeout_s=cfg.parallel.collective_timeout_s)
         try:
             if stages:
-                return _train_stages(stages, env=env, device=device, run_name=run_name, run_dir=run_dir)
+                return _train_stages(stages, env=env, device=device, run_name=run_name, run_dir=run_dir,
+                                     wandb_group=wandb_group)
             shared = [run_dir, pre]  # rank 0's answers for every rank (its clock and file system view decide)
             dist.broadcast_object_list(shared, src=0)
             run_dir, pre = shared
             assert pre is not None
             return _train(cfg, env=env, device=device, data_cfg=data_cfg, run_name=run_name, run_dir=run_dir,
-                          pre=pre, resolved_yaml=resolved_yaml)
+                          pre=pre, resolved_yaml=resolved_yaml, wandb_group=wandb_group)
         except Preempted as e:
             if env.rank == 0:
                 touch_marker(e)
@@ -364,6 +398,7 @@ def _on_rank0(fn: Any) -> Any:
 
 def _train_stages(
     stages: list[Stage], *, env: DistEnv, device: torch.device, run_name: str, run_dir: Path,
+    wandb_group: str | None = None,
 ) -> TrainResult:
     """Each stage of `stages` in order: skip the finished ones, resume the first unfinished one
     from its own checkpoint or start it from the previous stage's final one (megads.train.stages)."""
@@ -394,7 +429,8 @@ def _train_stages(
                f"starting from {start[0]} ({'model and optimizer' if start[1] else 'weights only'})" if start else
                "starting afresh"))
         result = _train(scfg, env=env, device=device, data_cfg=data_cfg, run_name=f"{run_name}-{st.name}",
-                        run_dir=st.run_dir, pre=pre, resolved_yaml=None, start_from=start, stage=st.name)
+                        run_dir=st.run_dir, pre=pre, resolved_yaml=None, start_from=start, stage=st.name,
+                        stage_index=st.index, wandb_group=wandb_group or run_name)  # one group per staged run
         if result.checkpoint is None:
             raise RuntimeError(f"stage {st.name} ended without a checkpoint; the next stage has nothing to start from")
         if env.rank == 0:
@@ -419,10 +455,18 @@ def _train_stages(
     return result
 
 
+def wandb_tags(cfg: TrainConfig, *, stage: str | None = None) -> list[str]:
+    """Tags that tell runs apart in the wandb table: model size, layout, schedule, precision, stage."""
+    p = cfg.parallel
+    tags = [f"layers{cfg.model.num_hidden_layers}-d{cfg.model.hidden_size}", f"pp{p.pp}-ep{p.ep}",
+            p.schedule if p.pp > 1 else "no-pp", f"seq{cfg.seq_len}", str(cfg.precision)]
+    return tags + ([f"stage:{stage}"] if stage else [])
+
+
 def _train(
     cfg: TrainConfig, *, env: DistEnv, device: torch.device, data_cfg: Any, run_name: str, run_dir: Path,
     pre: _Preflight, resolved_yaml: str | None, start_from: tuple[Path, bool] | None = None,
-    stage: str | None = None,
+    stage: str | None = None, stage_index: int = 0, wandb_group: str | None = None,
 ) -> TrainResult:
     """One run folder's training (a plain run, or one stage). `start_from`: (checkpoint, carry the
     optimizer) for a stage that starts from the previous one's final checkpoint."""
@@ -512,11 +556,29 @@ def _train(
                 say(f"  changed setting (checkpoint.allow_changed_settings=true), applies from step {step + 1}: "
                     f"{line}")
 
+    perf: PerfRef | None = None
+    if rank0:
+        peak, peak_src = device_peak_flops(device, bf16=autocast_dtype is not None)
+        perf = PerfRef(flops_per_token=model_flops_per_token(cfg.model, seq_len=cfg.seq_len), peak_flops=peak,
+                       ranks=env.world_size, node_limit=int(executor.plan.max_nodes_per_token or 1),
+                       stage_index=stage_index, device=device)
+        say(f"MFU against {peak / 1e12:.4g} TFLOP/s per rank ({peak_src}); the model: "
+            f"{perf.flops_per_token / 1e9:.4g} GFLOP per token (forward + backward)")
     wandb = (
         WandbLogger(cfg.logging.wandb, run_dir=run_dir, run_name=run_name,
-                    config=json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+                    config=json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+                    group=wandb_group, tags=wandb_tags(cfg, stage=stage))
         if rank0 else None
     )
+    heat_names = list(global_router_names(cfg.model))
+    heat_rows = list(global_router_names(cfg.model).values())
+    heatmap_png = run_dir / "expert_load_heatmap.png"
+
+    def heatmap(m: StepMetrics, at_step: int) -> None:
+        assert wandb is not None
+        if heat_rows and m.expert_load_RE is not None and m.expert_load_RE.numel():
+            png = plot_expert_heatmap(m.expert_load_RE[heat_rows], heat_names, heatmap_png, step=at_step)
+            wandb.log_images({"load/heatmap": png}, step=at_step)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if rank0 else None  # noqa: SIM115
     last_ckpt: Path | None = resume_from
     writer = CheckpointWriter(ckpt_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save,
@@ -590,13 +652,17 @@ def _train(
                     log.warning(f"step {step}: loss spike, {m.loss:.4f} > {cfg.guards.loss_spike_factor:g} x the "
                                 f"median {spike:.4f} of the last {cfg.guards.loss_spike_window} steps")
             if rank0:
-                h = _history_entry(step, tokens, m, lr=lr, mtp_weight=mtp_w, gamma=gamma, batch=batch, step_s=step_s)
+                h = _history_entry(step, tokens, m, lr=lr, mtp_weight=mtp_w, gamma=gamma, batch=batch, step_s=step_s,
+                                   perf=perf)
                 window.append(h)
                 assert metrics_file is not None and wandb is not None
                 metrics_file.write(json.dumps(h) + "\n")
                 metrics_file.flush()
                 if step % cfg.logging.wandb_every == 0 or step == plan.total_steps:
                     wandb.log(h, step=step)
+                every_heat = cfg.logging.heatmap_every
+                if step == plan.total_steps or (every_heat and step % every_heat == 0):
+                    heatmap(m, step)
                 if step % cfg.logging.console_every == 0 or step == plan.total_steps or step == steps_at_start + 1:
                     elapsed = time.perf_counter() - t_start
                     eta = elapsed / max(tokens - tokens_at_start, 1.0) * (plan.total_tokens - tokens)
@@ -626,12 +692,14 @@ def _train(
         if writer.blocking_s:
             say(f"checkpoints: {len(writer.blocking_s)} saved, training waited {sum(writer.blocking_s):.2f} s for them"
                 + (" (asynchronous)" if writer.async_save else ""))
+    except BaseException:
+        if wandb is not None:
+            wandb.finish()  # flushed: the history of a preempted or failed attempt is not lost
+        raise
     finally:
         watch.restore()
         if metrics_file is not None:
             metrics_file.close()
-        if wandb is not None:
-            wandb.finish()
 
     result = TrainResult(run_dir=run_dir, steps=step, tokens=tokens, checkpoint=last_ckpt)
     if rank0:
@@ -642,6 +710,10 @@ def _train(
             result.loss_png = plot_loss(history, run_dir / "loss.png")
         if cfg.logging.expert_load_png:
             result.expert_load_png = plot_expert_load(history, run_dir / "expert_load.png")
+        wandb.log_images({"plots/loss": result.loss_png, "plots/expert_load": result.expert_load_png,
+                          "plots/pipeline_timeline": Path(timeline_png) if timeline_png else None,
+                          "plots/expert_load_heatmap": heatmap_png if heatmap_png.is_file() else None})
+        wandb.finish()
         wall = time.perf_counter() - t_start
         if step == steps_at_start:
             say(f"nothing to do: the run is complete at step {step} (schedule length {plan.total_steps}); "
