@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +203,29 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Checksumming a big checkpoint takes minutes (about 1 GB/s per rank): a progress bar on stderr
+# from this many bytes of files on, none for the small folders of tests and tiny runs.
+PROGRESS_MIN_BYTES = 2 * 2**30
+
+
+def _bytes_bar(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+                disable=total < PROGRESS_MIN_BYTES, leave=False)
+
+
+def _hash_files(files: list[Path], *, desc: str) -> dict[str, dict[str, Any]]:
+    """{name: {bytes, sha256}} of `files`, with a progress bar when they are big."""
+    sizes = {p: p.stat().st_size for p in files}
+    out: dict[str, dict[str, Any]] = {}
+    with _bytes_bar(sum(sizes.values()), desc) as bar:
+        for path, n in sizes.items():
+            out[path.name] = {"bytes": n, "sha256": _sha256(path)}
+            bar.update(n)
+    return out
+
+
 def _data_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (META_FILE, MANIFEST_FILE)
                   and not p.name.endswith(".tmp"))
@@ -228,7 +252,7 @@ def commit_folder(tmp: Path, final: Path, *, meta: dict[str, Any], group: Any = 
     """
     rank, size = _group_rank_size(group)
     files = _data_files(tmp)
-    mine = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files[rank::size]}
+    mine = _hash_files(files[rank::size], desc=f"checksums of {final.name} (rank {rank})")
     parts: list[Any] = [None] * size
     if size > 1:
         dist.all_gather_object(parts, mine, group=group)
@@ -286,8 +310,13 @@ def verify_folder(folder: str | os.PathLike[str], *, checksums: bool = True) -> 
         n = p.stat().st_size
         if n != entry["bytes"]:
             raise CheckpointCorrupt(f"{p}: {n} bytes, the manifest says {entry['bytes']} (truncated?)")
-        if checksums and _sha256(p) != entry["sha256"]:
-            raise CheckpointCorrupt(f"{p}: SHA-256 differs from {MANIFEST_FILE} (the file was altered or is corrupt)")
+    if checksums:
+        with _bytes_bar(sum(int(e["bytes"]) for e in files.values()), f"verifying {folder.name}") as bar:
+            for name, entry in files.items():
+                if _sha256(folder / name) != entry["sha256"]:
+                    raise CheckpointCorrupt(f"{folder / name}: SHA-256 differs from {MANIFEST_FILE} (the file was "
+                                            "altered or is corrupt)")
+                bar.update(int(entry["bytes"]))
     if ".metadata" not in files:
         raise CheckpointCorrupt(f"{mpath}: lists no DCP .metadata file")
     return meta
