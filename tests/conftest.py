@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -16,3 +22,22 @@ def quiet_transformers() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def _slurm_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture(scope="session")
+def slurm() -> None:
+    """A running Slurm (tools/local_slurm.sh starts one as root); skips without one, unless
+    MEGADS_REQUIRE_SLURM=1 (set by .ci/run once it started one): then it fails."""
+    if not _slurm_up() and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run([str(REPO / "tools" / "local_slurm.sh"), "up"], check=False, timeout=600)
+    if not _slurm_up():
+        if os.environ.get("MEGADS_REQUIRE_SLURM") == "1":
+            pytest.fail("MEGADS_REQUIRE_SLURM=1 but no Slurm answers (tools/local_slurm.sh up failed?)")
+        pytest.skip("no Slurm here (as root, tools/local_slurm.sh up starts one)")

@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 from megads.testing.wandb_log import read_records, run_record
 
@@ -35,23 +32,6 @@ ARGS = ["model=tiny", "parallel=ep", "seq_len=64", "schedule=tiny", "schedule.tr
         "data=fallback", "data.max_bytes=200000", "checkpoint.every_steps=100", "logging.loss_png=false",
         "logging.expert_load_png=false", "logging.console_every=1", "logging.wandb.mode=offline"]
 CPU_NODE = ["--nodes", "1", "--ntasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1"]
-
-
-def _slurm_up() -> bool:
-    if shutil.which("sinfo") is None:
-        return False
-    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
-
-
-@pytest.fixture(scope="module")
-def slurm() -> None:
-    if not _slurm_up() and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run([str(REPO / "tools" / "local_slurm.sh"), "up"], check=False, timeout=600)
-    if not _slurm_up():
-        if os.environ.get("MEGADS_REQUIRE_SLURM") == "1":
-            pytest.fail("MEGADS_REQUIRE_SLURM=1 but no Slurm answers (tools/local_slurm.sh up failed?)")
-        pytest.skip("no Slurm here (as root, tools/local_slurm.sh up starts one)")
 
 
 def _env(tmp: Path, name: str, **extra: str) -> dict[str, str]:
