@@ -72,6 +72,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# The default suite keeps the two cases that change every dimension at once (pp, ep and dp with the
+# rank count; pp and the schedule family); the others are in `make test-all`.
+SLOW_CASES = {"dp4_to_pp2ep2", "ep4_to_ep2", "1f1b_pp2_to_dualpipe_pp2"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES])
 def test_reshard(setup: dict[str, Any], tmp_path: Path, case: str) -> None:
     _reshard(setup, tmp_path, *CASES[case])

@@ -111,8 +111,11 @@ def _stage_worker(rank: int, world: int, outdir: str) -> None:
 
 def test_pipeline_stage_loss_in_chunks_matches_the_whole(tmp_path: Path) -> None:
     """DualPipeV pp2 on 2 gloo ranks (the F&B-overlapped stage path): two optimizer steps with and
-    without chunks, the same losses and reduced gradients."""
+    without chunks, the same losses and reduced gradients: within 1e-6 at the first step; the second
+    step's gradients are taken at parameters the first AdamW update moved apart by the first step's
+    round-off (measured 1.2e-6 of the gradient scale on one CPU, below 1e-6 on another), hence 1e-5."""
     spawn(2, _stage_worker, str(tmp_path))
     for rank in range(2):
-        out = torch.load(tmp_path / f"rank{rank}.pt")
-        assert_same_steps(out[0], out[5])
+        (losses0, grads0), (losses5, grads5) = (torch.load(tmp_path / f"rank{rank}.pt")[c] for c in (0, 5))
+        assert_same_steps((losses0[:1], grads0[:1]), (losses5[:1], grads5[:1]), rel=1e-6)
+        assert_same_steps((losses0, grads0), (losses5, grads5), rel=1e-5)

@@ -111,28 +111,66 @@ def test_sbatch_trains_and_preempted_jobs_requeue_without_losing_a_step(slurm: N
     print(f"3 jobs (2 preempted and requeued) in {wall:.0f} s")
 
 
+def _sweep_job_of(sweep: Path, folder: str) -> str | None:
+    """The Slurm job id of the sweep point whose run folder is `folder` (from its submitit log): an
+    array task's id, `<array job>_<index>`, which is also the name of its submitit folder."""
+    for log in (sweep / ".submitit").glob("*/*_0_log.out"):
+        if f"' in {sweep / folder}\n" in log.read_text(errors="replace"):  # the run's first line
+            return log.parent.name
+    return None
+
+
 def test_a_hydra_sweep_submits_one_slurm_job_per_point(slurm: None, tmp_path: Path) -> None:
+    """Two points, two jobs of 2 tasks; the first gets submitit's requeue signal (SIGUSR2) mid-run:
+    megads finishes the step with a checkpoint, hands the signal back to submitit, which requeues
+    the job; the requeued job resumes in the same run folder from that checkpoint (0 steps lost)."""
     sweep = tmp_path / "sweep"
     t0 = time.monotonic()
-    out = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "megads.train.cli", "-m", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2",
          "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=20",
-         f"hydra.sweep.dir={sweep}", *ARGS, "schedule.train_steps=4", "optim.lr=1e-3,2e-3"],
-        cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+         f"hydra.sweep.dir={sweep}", *ARGS, "schedule.train_steps=12", "optim.lr=1e-3,2e-3"],
+        cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    preempted = sweep / "0_optim.lr=0.001"
+    signalled: list[str] = []
+
+    def signal_when_due() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep ended before its first job was signalled: {proc.stdout.read()[-3000:]}")
+        job = _sweep_job_of(sweep, preempted.name) if len(_metrics(preempted)) >= 3 else None
+        if job:
+            subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+            signalled.append(job)
+        return bool(signalled)
+
+    try:
+        _wait(signal_when_due, "step 3 of the first sweep job")
+        out, _ = proc.communicate(timeout=420)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-5000:]
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.jsonl").is_file())
     assert [p.name for p in runs] == ["0_optim.lr=0.001", "1_optim.lr=0.002"], list(sweep.iterdir())
     groups, ids = set(), set()
     for run in runs:
-        assert [s for s, *_ in _metrics(run)] == [1, 2, 3, 4], run
-        (log,) = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
-        rec = run_record(read_records(log))
-        groups.add(rec.run_group)
-        ids.add(rec.run_id)
-    assert len(ids) == 2 and len(groups) == 1 and groups != {""}, (ids, groups)
-    job_logs = list((sweep / ".submitit").rglob("*_0_log.out"))
+        assert [s for s, *_ in _metrics(run)] == list(range(1, 13)), run  # every step once: none lost, none twice
+        logs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+        recs = {run_record(read_records(log)).run_id: run_record(read_records(log)) for log in logs}
+        groups.update(r.run_group for r in recs.values())
+        ids.update(recs)
+    assert len(ids) == 2 and len(groups) == 1 and groups != {""}, (ids, groups)  # the requeued job kept its id
+    job_logs = sorted((sweep / ".submitit").rglob("*_0_log.out"))
     assert len(job_logs) == 2, job_logs
     for p in job_logs:  # the console lines reach the job logs, and both tasks trained as one job
         text = p.read_text()
         assert "[megads" in text and "ranks 2 (pp 1, dp 2" in text, text[-2000:]
-    print(f"sweep of 2 jobs in {time.monotonic() - t0:.0f} s")
+    (job,) = signalled
+    text = (sweep / ".submitit" / job / f"{job}_0_log.out").read_text()
+    stops = [line for line in text.splitlines() if "stopped after step" in line]
+    assert len(stops) == 1, text[-3000:]
+    stopped = int(stops[0].split("stopped after step ")[1].split("/")[0])
+    assert 3 <= stopped < 12, stops
+    assert "this job is preempted" in text and "Requeued" in text, text[-3000:]  # submitit's handler requeued it
+    assert f"resumed from {preempted / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in text, text[-3000:]
+    print(f"sweep of 2 jobs (1 preempted through submitit and requeued) in {time.monotonic() - t0:.0f} s")

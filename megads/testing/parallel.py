@@ -349,7 +349,10 @@ def assert_same_steps(
     relative to its largest element."""
     (l0, g0), (l1, g1) = ref, got
     assert len(l0) == len(l1) and all(abs(a - b) <= rel * abs(a) for a, b in zip(l0, l1)), (l0, l1)
-    for s0, s1 in zip(g0, g1):
-        for a, b in zip(s0, s1):
-            assert a.abs().max() > 0 and (b - a).abs().max() <= rel * a.abs().max()
+    for step, (s0, s1) in enumerate(zip(g0, g1)):
+        for space, (a, b) in enumerate(zip(s0, s1)):
+            scale = a.abs().max()
+            assert scale > 0 and (b - a).abs().max() <= rel * scale, (
+                f"step {step}, gradient space {space}: differs by {float((b - a).abs().max() / scale):.2e} "
+                f"of its scale (limit {rel:.0e})")
 

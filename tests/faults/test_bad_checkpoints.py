@@ -92,7 +92,10 @@ def _read_key(folder: Path, key: str) -> torch.Tensor:
     return state[key]
 
 
-@pytest.mark.parametrize("what", ["optim.", "model."], ids=["optimizer-shard", "model-shard"])
+# The model-shard flip runs in `make test-all`: the same detection and fallback path as the optimizer
+# shard's (the manifest checksums cover every file), whose silent load was the reported bug.
+@pytest.mark.parametrize("what", ["optim.", pytest.param("model.", marks=pytest.mark.slow)],
+                         ids=["optimizer-shard", "model-shard"])
 def test_a_bit_flip_in_the_latest_checkpoint_falls_back_to_the_previous(what: str, ref: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     step6 = _killed_before_last_save(ref, run)
@@ -110,6 +113,7 @@ def test_a_bit_flip_in_the_latest_checkpoint_falls_back_to_the_previous(what: st
     assert f"resumed from {run / 'checkpoints' / STEP4} at step 4" in out  # 2 steps re-run
 
 
+@pytest.mark.slow  # tests/test_checkpoint_format.py::test_truncated_or_altered_latest_falls_back_to_the_previous is the fast cover
 def test_a_truncated_shard_falls_back_to_the_previous(ref: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     step6 = _killed_before_last_save(ref, run)
