@@ -70,7 +70,8 @@ class DeepseekV3(nn.Module):
             {str(i): TransformerBlock(cfg, layer_idx=i, factory=factory) for i in range(cfg.num_hidden_layers)}
         )
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.lm_head: nn.Module | None = factory.linear(cfg.hidden_size, cfg.vocab_size)
+        # the output head stays in high precision under FP8 (as the embedding): not the factory's
+        self.lm_head: nn.Module | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp: nn.ModuleDict | None = nn.ModuleDict(
             {str(k): MTPModule(cfg, depth=k + 1, factory=factory) for k in range(cfg.num_nextn_predict_layers)}
         )

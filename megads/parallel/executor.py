@@ -31,6 +31,7 @@ from torch import nn
 
 from megads.model.balance import LoadStats, routers, update_expert_bias
 from megads.model.config import ModelConfig
+from megads.model.linear import LinearFactory
 from megads.model.recompute import apply_recompute
 from megads.model.router import Router
 from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules, shard_experts
@@ -132,13 +133,15 @@ class ParallelExecutor:
         init: bool = True,
         loss_chunk_tokens: int = 0,
         recompute: str = "none",
+        linear_factory: LinearFactory | None = None,
     ) -> None:
         """`overlap_fb`: the stage cuts its graph at the expert all-to-alls and its F&B actions
         overlap them with the other chunk's compute (`DeepseekStage(overlap=True)`); `stage_cls`
         lets a tool run a subclass of the stage (the overlap benchmark's sequential peer). `init`:
         see `build_stage_model` (False: uninitialised parameters, for a load or a measurement).
         `loss_chunk_tokens`: the cross entropies in chunks (megads.model.loss; 0 = whole);
-        `recompute`: activation recomputation none | selective | full (megads.model.recompute)."""
+        `recompute`: activation recomputation none | selective | full (megads.model.recompute).
+        `linear_factory`: the backend of every GEMM layer (megads.model.linear; FP8: megads.model.fp8)."""
         self.cfg = cfg
         self.overlap_fb = overlap_fb
         self.stage_cls = stage_cls
@@ -159,7 +162,7 @@ class ParallelExecutor:
         specs_all = piece_specs(plan.stage_layers)
         self.specs = [specs_all[p] for p in rank_pieces(layout, rank=mesh.pp_rank)]
         self.model = build_stage_model(cfg, specs=self.specs, seed=seed, dtype=dtype, device=self.device,
-                                       ep_size=mesh.ep, ep_rank=mesh.ep_rank, init=init)
+                                       ep_size=mesh.ep, ep_rank=mesh.ep_rank, init=init, factory=linear_factory)
         self.model.loss_chunk_tokens = loss_chunk_tokens
         apply_recompute(self.model, recompute)
         self.expert_names = expert_names = set(

@@ -53,6 +53,7 @@ from torch import nn
 from megads.model.block import RopeCache, TransformerBlock
 from megads.model.config import ModelConfig
 from megads.model.dispatch import DispatchResult
+from megads.model.linear import LinearFactory
 from megads.model.loss import head_cross_entropy
 from megads.model.moe import MoE
 from megads.model.rope import RotaryEmbedding
@@ -105,6 +106,7 @@ def build_stage_model(
     ep_size: int = 1,
     ep_rank: int = 0,
     init: bool = True,
+    factory: LinearFactory | None = None,
 ) -> DeepseekV3:
     """This rank's share of the model, built on the meta device and materialised on `device`.
 
@@ -116,7 +118,7 @@ def build_stage_model(
     """
     init_seed = draw_init_seed(torch.Generator().manual_seed(seed))  # what DeepseekV3 draws after manual_seed
     with torch.device("meta"):
-        model = DeepseekV3(cfg, init_seed=init_seed)
+        model = DeepseekV3(cfg, factory=factory, init_seed=init_seed)
     keep = {str(i) for s in specs for i in s.layers}
     for name in list(model.layers.keys()):
         if name not in keep:

@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 
 from megads.model.balance import update_expert_bias
 from megads.model.config import ModelConfig
+from megads.model.linear import LinearFactory
 from megads.model.transformer import DeepseekV3
 from megads.parallel.config import pieces_per_rank
 from megads.parallel.executor import OptimSettings, ParallelExecutor, router_slots
@@ -88,11 +89,11 @@ def valid_layouts(world: int, *, n_experts: int, num_layers: int) -> list[Layout
 
 
 def reference_model_and_optimizer(
-    cfg: ModelConfig, *, optim: OptimSettings, seed: int
+    cfg: ModelConfig, *, optim: OptimSettings, seed: int, factory: LinearFactory | None = None
 ) -> tuple[DeepseekV3, torch.optim.AdamW]:
     """The single-process model every layout starts from (built under `seed`) and its AdamW."""
     torch.manual_seed(seed)
-    model = DeepseekV3(cfg)
+    model = DeepseekV3(cfg, factory=factory)
     model.train()
     opt = torch.optim.AdamW(
         model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
@@ -119,11 +120,12 @@ def reference_run(
     mtp_weight: float,
     optim: OptimSettings,
     seed: int,
+    factory: LinearFactory | None = None,
 ) -> dict[str, Any]:
     """The same steps on one process: torch.optim.AdamW, clip_grad_norm_, same micro-batches;
-    on one thread, as every spawned rank runs (`_entry`)."""
+    on one thread, as every spawned rank runs (`_entry`). `factory`: the GEMM backend (FP8)."""
     with one_thread():
-        model, opt = reference_model_and_optimizer(cfg, optim=optim, seed=seed)
+        model, opt = reference_model_and_optimizer(cfg, optim=optim, seed=seed, factory=factory)
         slots = router_slots(model, cfg=cfg)
         losses = []
         for ids_GT, labels_GT in batches:

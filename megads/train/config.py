@@ -165,6 +165,14 @@ class StagesConfig:
 
 
 @dataclass
+class Fp8Config:
+    """precision=fp8: DeepSeek-V3's block-scaled E4M3 GEMMs (megads.model.fp8, docs/fp8.md)."""
+
+    backend: str = "auto"  # auto (first that runs of te, torch, emulated) | te | torch | emulated
+    pow2_scales: bool = True  # scales rounded up to powers of two (Transformer Engine's default)
+
+
+@dataclass
 class MemoryConfig:
     """How a step trades compute for memory (no effect on the numbers: not in the run
     fingerprint, free to change on resume)."""
@@ -189,8 +197,11 @@ class TrainConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
+    fp8: Fp8Config = field(default_factory=Fp8Config)
     seed: int = 1234
-    precision: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 (autocast, fp32 master weights)
+    # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 (autocast, fp32 master weights) | fp8 (the
+    # blocks' GEMMs in block-scaled FP8, see `fp8`; the rest as auto)
+    precision: str = "auto"
     seq_len: int = 4096
     run_dir: str | None = None  # None = outputs/<logging.run_name>
     device: str = "auto"  # auto (cuda:<local rank> when available, else cpu) | cpu | cuda
@@ -291,8 +302,25 @@ def to_train_config(cfg: Any) -> TrainConfig:
     return obj
 
 
-_PRECISIONS = ("auto", "fp32", "bf16")
+_PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 _DEVICES = ("auto", "cpu", "cuda")
+
+
+def _fp8_errors(cfg: TrainConfig) -> list[str]:
+    """fp8.* against what this machine can run (the device the run will get: device=cpu, or auto
+    without a visible GPU, is a CPU)."""
+    import torch
+
+    from megads.model.fp8 import FP8_BACKENDS, Fp8BackendUnavailable, choose_fp8_backend
+
+    if cfg.fp8.backend not in FP8_BACKENDS:
+        return [f"fp8.backend={cfg.fp8.backend!r} must be one of {list(FP8_BACKENDS)}"]
+    gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    try:
+        choose_fp8_backend(cfg.fp8.backend, torch.device("cuda" if gpu else "cpu"))
+    except Fp8BackendUnavailable as e:
+        return [str(e)]
+    return []
 
 
 def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
@@ -337,6 +365,8 @@ def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
         )
     if cfg.precision not in _PRECISIONS:
         errors.append(f"precision={cfg.precision!r} must be one of {list(_PRECISIONS)}")
+    if cfg.precision == "fp8":
+        errors.extend(_fp8_errors(cfg))
     if cfg.device not in _DEVICES:
         errors.append(f"device={cfg.device!r} must be one of {list(_DEVICES)}")
     if cfg.seq_len < 2:

@@ -51,6 +51,7 @@ from megads.checkpoint.state import (
 )
 from megads.checkpoint.writer import CheckpointWriteFailed, CheckpointWriter
 from megads.model import count_parameters
+from megads.model.linear import LinearFactory
 from megads.parallel.executor import OptimSettings, ParallelExecutor, StepMetrics, global_router_names
 from megads.parallel.mesh import DistEnv, ParallelMesh, init_distributed, read_dist_env
 from megads.pipeline.schedules import get_schedule
@@ -117,11 +118,28 @@ def resolve_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = plain float32)."""
+    """The autocast dtype (None = plain float32). fp8: the GEMMs of the blocks are FP8 (the linear
+    factory); everything else runs as under auto (bf16 autocast on CUDA, float32 on CPU)."""
     precision = cfg.precision
-    if precision == "auto":
+    if precision in ("auto", "fp8"):
         precision = "bf16" if device.type == "cuda" else "fp32"
     return torch.bfloat16 if precision == "bf16" else None
+
+
+def linear_factory_for(cfg: TrainConfig, *, device: torch.device, rank: int = 0) -> LinearFactory | None:
+    """The GEMM backend of the run: None (native PyTorch) unless precision=fp8, whose backend
+    is chosen here (fp8.backend) and named in the log by rank 0, with the reason."""
+    if cfg.precision != "fp8":
+        return None
+    from megads.model.fp8 import Fp8BackendUnavailable, choose_fp8_backend  # noqa: PLC0415
+
+    try:
+        factory, line = choose_fp8_backend(cfg.fp8.backend, device, pow2_scales=cfg.fp8.pow2_scales)
+    except Fp8BackendUnavailable as e:
+        raise ConfigError(str(e)) from None
+    if rank == 0:
+        log.info(line)
+    return factory
 
 
 def build_executor(
@@ -155,6 +173,7 @@ def build_executor(
         device=device, autocast_dtype=autocast_dtype, overlap_fb=overlap_fb,
         param_groups_fn=lambda model: param_groups_for(model.named_parameters(), o), init=init,
         loss_chunk_tokens=cfg.memory.loss_chunk_tokens, recompute=cfg.memory.recompute,
+        linear_factory=linear_factory_for(cfg, device=device, rank=env.rank),
     )
 
 
@@ -536,7 +555,8 @@ def _train(
         last_batch = global_batch_at(tokens=float("inf"), sched=sched, gran=gran)
         say(f"run {run_name!r} in {run_dir}")
         say(f"ranks {env.world_size} ({mesh.describe_degrees()}, backend {dist.get_backend()}), device {device}, "
-            f"precision {'bf16 autocast' if autocast_dtype is not None else 'fp32'}")
+            f"precision {'bf16 autocast' if autocast_dtype is not None else 'fp32'}"
+            + (" with FP8 GEMMs in the blocks" if cfg.precision == "fp8" else ""))
         say(f"model: {_fmt(pc.total)} parameters ({_fmt(pc.activated)} activated per token) + MTP {_fmt(pc.mtp)}; "
             f"{_fmt(n_params)} in this replica; optimizer groups "
             + ", ".join(f"{g['group']} {len(g['params'])}" for g in optimizer.param_groups))

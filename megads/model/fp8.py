@@ -1,0 +1,319 @@
+"""FP8 GEMMs with DeepSeek-V3's fine-grained scaling, emulated exactly in plain PyTorch.
+
+The numerics (DeepSeek-V3 report, section 3.3; SPEC.md "Parallelism and precision"):
+
+- every operand of every GEMM is E4M3 (`torch.float8_e4m3fn`, largest finite value 448);
+- activations and output gradients carry one FP32 scale per 1 x 128 tile along the GEMM's
+  contraction dimension (K): for the forward and the input gradient that is a row of 128
+  channels of one token, for the weight gradient (which contracts over tokens) a column of 128
+  tokens of one channel;
+- weights carry one scale per 128 x 128 block, the same blocks for W (forward) and W^T (input
+  gradient);
+- a scale is the tile's max-abs over 448, so the tile's largest element maps to 448 (with
+  `pow2_scales`, rounded up to a power of two, as Transformer Engine's block-scaling recipe does
+  by default: scaling is then exact in binary); an all-zero tile gets scale 1;
+- products are accumulated in FP32 with promotion every 128 elements of K: the emulation
+  dequantises each operand block (fp8 value x its scale, in FP32) and runs one FP32 GEMM per
+  128-wide K chunk, adding the chunks' results in K order.
+
+Shapes that are not multiples of 128: the last tile (or block) of a dimension is simply shorter,
+which equals zero padding to the next multiple (zeros change neither a max-abs nor a sum).
+
+`fp8_linear` / `fp8_grouped_mm` are autograd functions with these numerics in all three GEMMs
+(forward, input gradient, weight gradient); `Fp8Linear` and `Fp8GroupedLinear` are the layers,
+with the same parameters (names, shapes, FP32 master values) as their native twins, so
+checkpoints and Hugging Face conversion do not see the difference.
+
+Shapes: N rows (tokens), K contraction, O output features, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from megads.model.linear import GroupedLinear, LinearFactory
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+BLOCK = 128
+
+
+def _n_blocks(n: int) -> int:
+    return -(-n // BLOCK)
+
+
+def _pad_to_blocks(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """`t` zero-padded at the end of each of `dims` to a multiple of BLOCK."""
+    pad: list[int] = [0] * (2 * t.dim())
+    for d in dims:
+        extra = _n_blocks(t.shape[d]) * BLOCK - t.shape[d]
+        pad[2 * (t.dim() - 1 - d) + 1] = extra
+    return F.pad(t, pad) if any(pad) else t
+
+
+def scales_from_amax(amax: torch.Tensor, *, pow2: bool) -> torch.Tensor:
+    """FP32 scales that map each max-abs to E4M3_MAX (x = fp8 * scale); 1 where amax is 0."""
+    amax = amax.float()
+    scale = amax / E4M3_MAX
+    if pow2:
+        # the smallest power of two >= amax / 448, exactly (frexp: scale = m * 2^e, m in [0.5, 1));
+        # x / scale then stays within 448 and the scaling itself is exact in binary
+        mantissa, exponent = torch.frexp(scale)
+        scale = torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).to(exponent.dtype))
+    return torch.where(amax > 0, scale, torch.ones_like(scale))
+
+
+def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
+    # saturate: x / scale can round just past 448, and the cast would turn that into NaN
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def quantize_tiles(x_NK: torch.Tensor, *, pow2: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 x 128 tiles along the last dimension: (E4M3 values [N, K], FP32 scales [N, ceil(K/128)])."""
+    n, k = x_NK.shape
+    tiles = _pad_to_blocks(x_NK.float(), (1,)).view(n, -1, BLOCK)
+    scale = scales_from_amax(tiles.abs().amax(dim=2), pow2=pow2)
+    q = _to_e4m3(tiles / scale.unsqueeze(2)).view(n, -1)[:, :k]
+    return q, scale
+
+
+def quantize_blocks(w_OK: torch.Tensor, *, pow2: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """128 x 128 blocks: (E4M3 values [O, K], FP32 scales [ceil(O/128), ceil(K/128)])."""
+    o, k = w_OK.shape
+    padded = _pad_to_blocks(w_OK.float(), (0, 1))
+    ob, kb = padded.shape[0] // BLOCK, padded.shape[1] // BLOCK
+    blocks = padded.view(ob, BLOCK, kb, BLOCK)
+    scale = scales_from_amax(blocks.abs().amax(dim=(1, 3)), pow2=pow2)
+    q = _to_e4m3(blocks / scale[:, None, :, None]).view(ob * BLOCK, kb * BLOCK)[:o, :k]
+    return q, scale
+
+
+def dequantize_tiles(q_NK: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP32 values of 1 x 128 tiles along the last dimension."""
+    return q_NK.float() * scale.repeat_interleave(BLOCK, dim=1)[:, : q_NK.shape[1]]
+
+
+def dequantize_blocks(q_OK: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP32 values of 128 x 128 blocks."""
+    o, k = q_OK.shape
+    full = scale.repeat_interleave(BLOCK, dim=0)[:o].repeat_interleave(BLOCK, dim=1)[:, :k]
+    return q_OK.float() * full
+
+
+def chunked_mm(a_NK: torch.Tensor, b_KM: torch.Tensor) -> torch.Tensor:
+    """a @ b in FP32, one GEMM per 128-wide chunk of K, the chunks' results added in K order
+    (the promotion to FP32 every 128 elements of K of DeepSeek's FP8 GEMM)."""
+    k = a_NK.shape[1]
+    out = torch.mm(a_NK[:, :BLOCK], b_KM[:BLOCK])
+    for start in range(BLOCK, k, BLOCK):
+        out = out + torch.mm(a_NK[:, start:start + BLOCK], b_KM[start:start + BLOCK])
+    return out
+
+
+def fake_quant_tiles(x_NK: torch.Tensor, *, pow2: bool) -> torch.Tensor:
+    """x after E4M3 with 1 x 128 tile scales along the last dimension, in FP32."""
+    return dequantize_tiles(*quantize_tiles(x_NK, pow2=pow2))
+
+
+def fake_quant_blocks(w_OK: torch.Tensor, *, pow2: bool) -> torch.Tensor:
+    """w after E4M3 with 128 x 128 block scales, in FP32."""
+    return dequantize_blocks(*quantize_blocks(w_OK, pow2=pow2))
+
+
+def _empty_rows_mm(x: torch.Tensor, k: int, m: int) -> torch.Tensor:
+    return x.new_zeros(k, m, dtype=torch.float32)
+
+
+def fp8_forward(x_NK: torch.Tensor, w_OK: torch.Tensor, *, pow2: bool) -> torch.Tensor:
+    """y = x @ w^T: x in 1 x 128 tiles along K, w in 128 x 128 blocks; FP32 result [N, O]."""
+    if x_NK.shape[0] == 0:
+        return x_NK.new_zeros(0, w_OK.shape[0], dtype=torch.float32)
+    return chunked_mm(fake_quant_tiles(x_NK, pow2=pow2), fake_quant_blocks(w_OK, pow2=pow2).t())
+
+
+def fp8_input_grad(g_NO: torch.Tensor, w_OK: torch.Tensor, *, pow2: bool) -> torch.Tensor:
+    """dx = g @ w: g in 1 x 128 tiles along O (the contraction), w in its 128 x 128 blocks."""
+    if g_NO.shape[0] == 0:
+        return g_NO.new_zeros(0, w_OK.shape[1], dtype=torch.float32)
+    return chunked_mm(fake_quant_tiles(g_NO, pow2=pow2), fake_quant_blocks(w_OK, pow2=pow2))
+
+
+def fp8_weight_grad(g_NO: torch.Tensor, x_NK: torch.Tensor, *, pow2: bool) -> torch.Tensor:
+    """dw = g^T @ x, contracting over tokens: both in 128 x 1 tiles (128 tokens of one channel)."""
+    if g_NO.shape[0] == 0:
+        return _empty_rows_mm(g_NO, g_NO.shape[1], x_NK.shape[1])
+    g_ON = fake_quant_tiles(g_NO.t(), pow2=pow2)
+    x_KN = fake_quant_tiles(x_NK.t(), pow2=pow2)
+    return chunked_mm(g_ON, x_KN.t())
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The GEMM output's dtype: the autocast dtype inside autocast (BF16 on GPUs), else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_NK: torch.Tensor, w_OK: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                pow2: bool, out_dtype: torch.dtype) -> torch.Tensor:
+        y = fp8_forward(x_NK, w_OK, pow2=pow2)
+        if bias is not None:
+            y = y + bias.float()
+        ctx.save_for_backward(x_NK, w_OK)
+        ctx.pow2, ctx.has_bias, ctx.x_dtype = pow2, bias is not None, x_NK.dtype
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, g_NO: torch.Tensor):  # type: ignore[override]
+        x_NK, w_OK = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = fp8_input_grad(g_NO, w_OK, pow2=ctx.pow2).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = fp8_weight_grad(g_NO, x_NK, pow2=ctx.pow2).to(w_OK.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g_NO.float().sum(0).to(w_OK.dtype)  # a sum, no GEMM: full precision
+        return grad_x, grad_w, grad_b, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+               pow2: bool = True) -> torch.Tensor:
+    """F.linear with the FP8 numerics above in its three GEMMs (any leading dimensions of x)."""
+    out_dtype = _out_dtype(x)
+    lead = x.shape[:-1]
+    with torch.autocast(x.device.type, enabled=False):  # the function does its own casts
+        y = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, bias, pow2, out_dtype)
+    return y.view(*lead, weight.shape[0])
+
+
+class _Fp8GroupedMM(torch.autograd.Function):
+    """Expert e: its contiguous rows times w[e]^T, each expert with its own scales."""
+
+    @staticmethod
+    def forward(ctx, x_NK: torch.Tensor, w_EOK: torch.Tensor, counts: list[int],  # type: ignore[override]
+                pow2: bool, out_dtype: torch.dtype) -> torch.Tensor:
+        y = x_NK.new_empty(x_NK.shape[0], w_EOK.shape[1], dtype=out_dtype)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                y[start:start + n] = fp8_forward(x_NK[start:start + n], w_EOK[e], pow2=pow2)
+            start += n
+        ctx.save_for_backward(x_NK, w_EOK)
+        ctx.counts, ctx.pow2 = counts, pow2
+        return y
+
+    @staticmethod
+    def backward(ctx, g_NO: torch.Tensor):  # type: ignore[override]
+        x_NK, w_EOK = ctx.saved_tensors
+        grad_x = x_NK.new_empty(x_NK.shape) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w_EOK) if ctx.needs_input_grad[1] else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n:
+                g, x = g_NO[start:start + n], x_NK[start:start + n]
+                if grad_x is not None:
+                    grad_x[start:start + n] = fp8_input_grad(g, w_EOK[e], pow2=ctx.pow2)
+                if grad_w is not None:
+                    grad_w[e] = fp8_weight_grad(g, x, pow2=ctx.pow2)
+            start += n
+        return grad_x, grad_w, None, None, None
+
+
+def fp8_grouped_mm(x_NK: torch.Tensor, w_EOK: torch.Tensor, counts: list[int], *, pow2: bool = True) -> torch.Tensor:
+    """`megads.model.linear.grouped_mm` with the FP8 numerics: one scale set per expert."""
+    out_dtype = _out_dtype(x_NK)
+    with torch.autocast(x_NK.device.type, enabled=False):
+        return _Fp8GroupedMM.apply(x_NK, w_EOK, counts, pow2, out_dtype)
+
+
+class Fp8Linear(nn.Linear):
+    """nn.Linear whose GEMMs run in block-scaled FP8 (the emulation); FP32 master weight."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, pow2: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.pow2 = pow2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.bias, pow2=self.pow2)
+
+
+class Fp8GroupedLinear(GroupedLinear):
+    """GroupedLinear whose per-expert GEMMs run in block-scaled FP8 (the emulation)."""
+
+    def __init__(self, num: int, in_features: int, out_features: int, *, pow2: bool = True) -> None:
+        super().__init__(num, in_features, out_features)
+        self.pow2 = pow2
+
+    def forward(self, x_NI: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        assert len(counts) == self.num, (len(counts), self.num)
+        return fp8_grouped_mm(x_NI, self.weight, counts, pow2=self.pow2)
+
+
+class Fp8Factory(LinearFactory):
+    """The FP8 backend of the linear entry point: every linear of the transformer blocks, the
+    shared and routed experts and the MTP projection; the router, embedding, head, norms and the
+    attention core are not made by the factory and stay in high precision."""
+
+    name = "fp8-emulated"
+
+    def __init__(self, *, pow2_scales: bool = True) -> None:
+        self.pow2_scales = pow2_scales
+
+    def linear(self, in_features: int, out_features: int, *, bias: bool = False) -> nn.Module:
+        return Fp8Linear(in_features, out_features, bias=bias, pow2=self.pow2_scales)
+
+    def grouped(self, num: int, in_features: int, out_features: int) -> nn.Module:
+        return Fp8GroupedLinear(num, in_features, out_features, pow2=self.pow2_scales)
+
+
+FP8_BACKENDS = ("auto", "te", "torch", "emulated")
+
+
+class Fp8BackendUnavailable(ValueError):
+    """fp8.backend names a backend this machine (or this build) cannot run."""
+
+
+def _te_missing(device: torch.device) -> str | None:
+    """Why the Transformer Engine backend cannot run here (None: it could)."""
+    if device.type != "cuda":
+        return f"it needs a CUDA device (this run's device is {device.type})"
+    try:
+        import transformer_engine.pytorch  # noqa: F401, PLC0415  (optional GPU extra)
+    except ImportError as e:
+        return f"transformer_engine does not import ({e}); install the [gpu] extra (README, GPU section)"
+    return "its modules are not wired into the linear factory yet (docs/fp8.md, 'Backends')"
+
+
+def _torch_missing(device: torch.device) -> str | None:
+    """Why torch's block-scaled `scaled_mm` backend cannot run here (None: it could)."""
+    if device.type != "cuda":
+        return f"block-wise scaled_mm runs on CUDA devices only (this run's device is {device.type})"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return f"block-wise FP8 GEMMs need compute capability 9.0 or newer (this GPU has {major}.x)"
+    return "its block-wise scaled_mm path is not wired into the linear factory yet (docs/fp8.md, 'Backends')"
+
+
+def choose_fp8_backend(requested: str, device: torch.device, *, pow2_scales: bool = True) -> tuple[Fp8Factory, str]:
+    """The factory for `fp8.backend=requested` on `device` and a line saying which and why.
+
+    `auto` takes the first of te, torch, emulated that can run; naming one that cannot is refused
+    with what is missing."""
+    if requested not in FP8_BACKENDS:
+        raise Fp8BackendUnavailable(f"fp8.backend={requested!r} must be one of {list(FP8_BACKENDS)}")
+    missing = {"te": _te_missing(device), "torch": _torch_missing(device), "emulated": None}
+    if requested != "auto":
+        if missing[requested] is not None:
+            raise Fp8BackendUnavailable(
+                f"fp8.backend={requested} cannot run: {missing[requested]}; fp8.backend=emulated runs anywhere")
+        chosen = requested
+    else:
+        chosen = next(b for b in ("te", "torch", "emulated") if missing[b] is None)
+    why = "; ".join(f"{b}: {m}" for b, m in missing.items() if m is not None and b != chosen)
+    factory = Fp8Factory(pow2_scales=pow2_scales)
+    line = f"FP8 backend {chosen} (fp8.backend={requested}" + (f"; not {why}" if why and requested == "auto" else "") + ")"
+    return factory, line
