@@ -105,6 +105,7 @@ def test_four_ranks_match_one_process(results4: dict[str, Any], case: ScheduleCa
     _check(results4, case)
 
 
+@pytest.mark.slow  # 8 ranks; the 4-rank cases above cover every schedule with pp 2 x ep 2 and pp 4
 @pytest.mark.parametrize("case", CASES[8], ids=[c.tag for c in CASES[8]])
 def test_pp4_ep2_on_eight_ranks_matches_one_process(results8: dict[str, Any], case: ScheduleCase) -> None:
     _check(results8, case)

@@ -5,6 +5,10 @@ once it trains, rank 1 is stopped with SIGSTOP (alive but stuck, the case a dead
 connection does not cover). Rank 0 must fail its next collective after about 8 s with a message
 naming itself, the step and the setting, and torchrun must end the job (exit code != 0) well
 before torch's 30-minute default. Measured before this: a SIGSTOPped rank was noticed after 600 s.
+
+Slow (about 45 s, 30 of them torchrun's fixed grace period before it SIGKILLs the stopped rank):
+the default suite has the same scenario under srun (tests/faults/test_srun_failures.py, about
+18 s), where the same collective timeout ends the job.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from megads.testing.launch import REPO, trainer_command, trainer_env, worker_pids
 
 ARGS = ["model=tiny", "seq_len=32", "parallel=dp", "parallel.micro_batch_size=2", "schedule=tiny",
@@ -23,6 +29,7 @@ ARGS = ["model=tiny", "seq_len=32", "parallel=dp", "parallel.micro_batch_size=2"
         "parallel.collective_timeout_s=8"]
 
 
+@pytest.mark.slow
 def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     run = tmp_path / "run"
     log = tmp_path / "out.txt"

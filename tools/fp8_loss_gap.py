@@ -1,0 +1,92 @@
+"""Loss gap of FP8 training against the same run in FP32 (issue 12; DeepSeek reports < 0.25%).
+
+    python -m tools.fp8_loss_gap [--model small] [--steps 300] [--seq-len 128] [--batch 4]
+                                 [--nproc 1] [--parallel single] [--out outputs/fp8_loss_gap]
+
+Two `megads-train` runs with the same config, seed and data, one with `precision=fp32` and one
+with `precision=fp8` (the backend `fp8.backend` picks: the emulation on CPU). Printed: the mean
+LM loss of the last `--window` steps of each, their relative gap, the wall time of each run, and
+a PNG of both loss curves (`<out>/fp8_loss_gap.png`). A run folder that already holds a finished
+run is reused (the trainer says "nothing to do"), so an interrupted measurement resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _run(out: Path, precision: str, args: argparse.Namespace) -> float:
+    run_dir = out / precision
+    overrides = [
+        f"model={args.model}", f"parallel={args.parallel}", f"precision={precision}", f"seq_len={args.seq_len}",
+        "schedule=tiny", "schedule.train_tokens=0", f"schedule.train_steps={args.steps}",
+        f"schedule.batch_start={args.batch}", f"schedule.batch_end={args.batch}", f"schedule.warmup_steps={args.warmup}",
+        f"optim.lr={args.lr}", f"data={args.data}", "logging.wandb.mode=disabled", "logging.console_every=10",
+        "checkpoint.every_steps=50", f"run_dir={run_dir}", *args.extra,
+    ]
+    cmd = [sys.executable, "-m", "megads.train.cli", *overrides]
+    if args.nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               "-m", "megads.train.cli", *overrides]
+    print(f"[fp8_loss_gap] {precision}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    return time.perf_counter() - t0
+
+
+def _losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["loss/lm"] for r in sorted(rows, key=lambda r: r["step"])]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--parallel", default="single")
+    ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--window", type=int, default=50)
+    ap.add_argument("--data", default="builtin")
+    ap.add_argument("--out", type=Path, default=Path("outputs/fp8_loss_gap"))
+    ap.add_argument("extra", nargs="*", help="more megads-train overrides for both runs")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    walls = {p: _run(args.out, p, args) for p in ("fp32", "fp8")}
+    curves = {p: _losses(args.out / p) for p in walls}
+    means = {p: sum(c[-args.window:]) / len(c[-args.window:]) for p, c in curves.items()}
+    gap = (means["fp8"] - means["fp32"]) / means["fp32"]
+    summary = {"model": args.model, "steps": args.steps, "window": args.window, "mean_last_fp32": means["fp32"],
+               "mean_last_fp8": means["fp8"], "relative_gap": gap, "wall_s": walls}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"[fp8_loss_gap] mean LM loss of the last {args.window} of {args.steps} steps: fp32 {means['fp32']:.4f}, "
+          f"fp8 {means['fp8']:.4f}; relative gap {gap * 100:+.3f}% (DeepSeek: < 0.25%); "
+          f"wall fp32 {walls['fp32']:.0f} s, fp8 {walls['fp8']:.0f} s")
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for p, c in curves.items():
+        ax.plot(range(1, len(c) + 1), c, label=f"{p} (last {args.window}: {means[p]:.4f})", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("LM loss")
+    ax.set_title(f"{args.model}: FP8 (block-scaled E4M3) vs FP32, gap {gap * 100:+.3f}%")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "fp8_loss_gap.png", dpi=120)
+    print(f"[fp8_loss_gap] plot: {args.out / 'fp8_loss_gap.png'}")
+
+
+if __name__ == "__main__":
+    main()
