@@ -80,13 +80,15 @@ def quantize_tiles(x_NK: torch.Tensor, *, pow2: bool = True) -> tuple[torch.Tens
 
 
 def quantize_blocks(w_OK: torch.Tensor, *, pow2: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """128 x 128 blocks: (E4M3 values [O, K], FP32 scales [ceil(O/128), ceil(K/128)])."""
-    o, k = w_OK.shape
-    padded = _pad_to_blocks(w_OK.float(), (0, 1))
-    ob, kb = padded.shape[0] // BLOCK, padded.shape[1] // BLOCK
-    blocks = padded.view(ob, BLOCK, kb, BLOCK)
-    scale = scales_from_amax(blocks.abs().amax(dim=(1, 3)), pow2=pow2)
-    q = _to_e4m3(blocks / scale[:, None, :, None]).view(ob * BLOCK, kb * BLOCK)[:o, :k]
+    """128 x 128 blocks of the last two dimensions (any leading ones, e.g. experts):
+    (E4M3 values [..., O, K], FP32 scales [..., ceil(O/128), ceil(K/128)])."""
+    *lead, o, k = w_OK.shape
+    nd = w_OK.dim()
+    padded = _pad_to_blocks(w_OK.float(), (nd - 2, nd - 1))
+    ob, kb = padded.shape[-2] // BLOCK, padded.shape[-1] // BLOCK
+    blocks = padded.view(*lead, ob, BLOCK, kb, BLOCK)
+    scale = scales_from_amax(blocks.abs().amax(dim=(-3, -1)), pow2=pow2)
+    q = _to_e4m3(blocks / scale[..., :, None, :, None]).view(*lead, ob * BLOCK, kb * BLOCK)[..., :o, :k]
     return q, scale
 
 
@@ -96,9 +98,9 @@ def dequantize_tiles(q_NK: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_blocks(q_OK: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """FP32 values of 128 x 128 blocks."""
-    o, k = q_OK.shape
-    full = scale.repeat_interleave(BLOCK, dim=0)[:o].repeat_interleave(BLOCK, dim=1)[:, :k]
+    """FP32 values of 128 x 128 blocks (of the last two dimensions)."""
+    o, k = q_OK.shape[-2:]
+    full = scale.repeat_interleave(BLOCK, dim=-2)[..., :o, :].repeat_interleave(BLOCK, dim=-1)[..., :k]
     return q_OK.float() * full
 
 
@@ -122,28 +124,32 @@ def fake_quant_blocks(w_OK: torch.Tensor, *, pow2: bool) -> torch.Tensor:
     return dequantize_blocks(*quantize_blocks(w_OK, pow2=pow2))
 
 
-def _empty_rows_mm(x: torch.Tensor, k: int, m: int) -> torch.Tensor:
-    return x.new_zeros(k, m, dtype=torch.float32)
-
-
 def fp8_forward(x_NK: torch.Tensor, w_OK: torch.Tensor, *, pow2: bool) -> torch.Tensor:
     """y = x @ w^T: x in 1 x 128 tiles along K, w in 128 x 128 blocks; FP32 result [N, O]."""
-    if x_NK.shape[0] == 0:
-        return x_NK.new_zeros(0, w_OK.shape[0], dtype=torch.float32)
-    return chunked_mm(fake_quant_tiles(x_NK, pow2=pow2), fake_quant_blocks(w_OK, pow2=pow2).t())
+    return _forward_dq(fake_quant_tiles(x_NK, pow2=pow2), fake_quant_blocks(w_OK, pow2=pow2))
+
+
+def _forward_dq(x_dq: torch.Tensor, w_dq: torch.Tensor) -> torch.Tensor:
+    if x_dq.shape[0] == 0:
+        return x_dq.new_zeros(0, w_dq.shape[0])
+    return chunked_mm(x_dq, w_dq.t())
 
 
 def fp8_input_grad(g_NO: torch.Tensor, w_OK: torch.Tensor, *, pow2: bool) -> torch.Tensor:
     """dx = g @ w: g in 1 x 128 tiles along O (the contraction), w in its 128 x 128 blocks."""
-    if g_NO.shape[0] == 0:
-        return g_NO.new_zeros(0, w_OK.shape[1], dtype=torch.float32)
-    return chunked_mm(fake_quant_tiles(g_NO, pow2=pow2), fake_quant_blocks(w_OK, pow2=pow2))
+    return _input_grad_dq(fake_quant_tiles(g_NO, pow2=pow2), fake_quant_blocks(w_OK, pow2=pow2))
+
+
+def _input_grad_dq(g_dq: torch.Tensor, w_dq: torch.Tensor) -> torch.Tensor:
+    if g_dq.shape[0] == 0:
+        return g_dq.new_zeros(0, w_dq.shape[1])
+    return chunked_mm(g_dq, w_dq)
 
 
 def fp8_weight_grad(g_NO: torch.Tensor, x_NK: torch.Tensor, *, pow2: bool) -> torch.Tensor:
     """dw = g^T @ x, contracting over tokens: both in 128 x 1 tiles (128 tokens of one channel)."""
     if g_NO.shape[0] == 0:
-        return _empty_rows_mm(g_NO, g_NO.shape[1], x_NK.shape[1])
+        return g_NO.new_zeros(g_NO.shape[1], x_NK.shape[1], dtype=torch.float32)
     g_ON = fake_quant_tiles(g_NO.t(), pow2=pow2)
     x_KN = fake_quant_tiles(x_NK.t(), pow2=pow2)
     return chunked_mm(g_ON, x_KN.t())
@@ -157,26 +163,29 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _Fp8Linear(torch.autograd.Function):
+    # The emulation keeps the dequantised weight from the forward for the input gradient (the
+    # same values a re-quantisation would give): one FP32 weight copy per layer until its backward.
     @staticmethod
     def forward(ctx, x_NK: torch.Tensor, w_OK: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
                 pow2: bool, out_dtype: torch.dtype) -> torch.Tensor:
-        y = fp8_forward(x_NK, w_OK, pow2=pow2)
+        w_dq = fake_quant_blocks(w_OK, pow2=pow2)
+        y = _forward_dq(fake_quant_tiles(x_NK, pow2=pow2), w_dq)
         if bias is not None:
             y = y + bias.float()
-        ctx.save_for_backward(x_NK, w_OK)
-        ctx.pow2, ctx.has_bias, ctx.x_dtype = pow2, bias is not None, x_NK.dtype
+        ctx.save_for_backward(x_NK, w_dq)
+        ctx.pow2, ctx.has_bias, ctx.x_dtype, ctx.w_dtype = pow2, bias is not None, x_NK.dtype, w_OK.dtype
         return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, g_NO: torch.Tensor):  # type: ignore[override]
-        x_NK, w_OK = ctx.saved_tensors
+        x_NK, w_dq = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = fp8_input_grad(g_NO, w_OK, pow2=ctx.pow2).to(ctx.x_dtype)
+            grad_x = _input_grad_dq(fake_quant_tiles(g_NO, pow2=ctx.pow2), w_dq).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = fp8_weight_grad(g_NO, x_NK, pow2=ctx.pow2).to(w_OK.dtype)
+            grad_w = fp8_weight_grad(g_NO, x_NK, pow2=ctx.pow2).to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g_NO.float().sum(0).to(w_OK.dtype)  # a sum, no GEMM: full precision
+            grad_b = g_NO.float().sum(0).to(ctx.w_dtype)  # a sum, no GEMM: full precision
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -191,34 +200,42 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 
 class _Fp8GroupedMM(torch.autograd.Function):
-    """Expert e: its contiguous rows times w[e]^T, each expert with its own scales."""
+    """Expert e: its contiguous rows times w[e]^T, each expert with its own scales.
+
+    A 1 x 128 tile along K lies inside one row, so the activations (forward) and output
+    gradients (input gradient) are quantised for all rows at once, and all experts' weight blocks
+    at once: the same values as expert by expert. Only the weight gradient's 128-token tiles
+    depend on the grouping: quantised per expert.
+    """
 
     @staticmethod
     def forward(ctx, x_NK: torch.Tensor, w_EOK: torch.Tensor, counts: list[int],  # type: ignore[override]
                 pow2: bool, out_dtype: torch.dtype) -> torch.Tensor:
         y = x_NK.new_empty(x_NK.shape[0], w_EOK.shape[1], dtype=out_dtype)
+        x_dq = fake_quant_tiles(x_NK, pow2=pow2)
+        w_dq = fake_quant_blocks(w_EOK, pow2=pow2)
         start = 0
         for e, n in enumerate(counts):
             if n:
-                y[start:start + n] = fp8_forward(x_NK[start:start + n], w_EOK[e], pow2=pow2)
+                y[start:start + n] = _forward_dq(x_dq[start:start + n], w_dq[e])
             start += n
-        ctx.save_for_backward(x_NK, w_EOK)
-        ctx.counts, ctx.pow2 = counts, pow2
+        ctx.save_for_backward(x_NK, w_dq)
+        ctx.counts, ctx.pow2, ctx.w_dtype = counts, pow2, w_EOK.dtype
         return y
 
     @staticmethod
     def backward(ctx, g_NO: torch.Tensor):  # type: ignore[override]
-        x_NK, w_EOK = ctx.saved_tensors
+        x_NK, w_dq = ctx.saved_tensors
         grad_x = x_NK.new_empty(x_NK.shape) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w_EOK) if ctx.needs_input_grad[1] else None
+        grad_w = w_dq.new_zeros(w_dq.shape, dtype=ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        g_dq = fake_quant_tiles(g_NO, pow2=ctx.pow2) if grad_x is not None else None
         start = 0
         for e, n in enumerate(ctx.counts):
             if n:
-                g, x = g_NO[start:start + n], x_NK[start:start + n]
                 if grad_x is not None:
-                    grad_x[start:start + n] = fp8_input_grad(g, w_EOK[e], pow2=ctx.pow2)
+                    grad_x[start:start + n] = _input_grad_dq(g_dq[start:start + n], w_dq[e])
                 if grad_w is not None:
-                    grad_w[e] = fp8_weight_grad(g, x, pow2=ctx.pow2)
+                    grad_w[e] = fp8_weight_grad(g_NO[start:start + n], x_NK[start:start + n], pow2=ctx.pow2)
             start += n
         return grad_x, grad_w, None, None, None
 
