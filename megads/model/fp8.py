@@ -277,8 +277,13 @@ class Fp8Factory(LinearFactory):
 
     name = "fp8-emulated"
 
-    def __init__(self, *, pow2_scales: bool = True) -> None:
+    def __init__(self, *, pow2_scales: bool = True, dispatch: bool = True) -> None:
         self.pow2_scales = pow2_scales
+        self.dispatch = dispatch
+
+    def dispatch_codec(self) -> Fp8RowCodec | None:
+        """FP8 dispatch (`Fp8RowCodec`) when asked for, else the rows cross as they are."""
+        return Fp8RowCodec(pow2_scales=self.pow2_scales) if self.dispatch else None
 
     def linear(self, in_features: int, out_features: int, *, bias: bool = False) -> nn.Module:
         return Fp8Linear(in_features, out_features, bias=bias, pow2=self.pow2_scales)
@@ -315,7 +320,9 @@ def _torch_missing(device: torch.device) -> str | None:
     return "its block-wise scaled_mm path is not wired into the linear factory yet (docs/fp8.md, 'Backends')"
 
 
-def choose_fp8_backend(requested: str, device: torch.device, *, pow2_scales: bool = True) -> tuple[Fp8Factory, str]:
+def choose_fp8_backend(
+    requested: str, device: torch.device, *, pow2_scales: bool = True, dispatch: bool = True
+) -> tuple[Fp8Factory, str]:
     """The factory for `fp8.backend=requested` on `device` and a line saying which and why.
 
     `auto` takes the first of te, torch, emulated that can run; naming one that cannot is refused
@@ -331,6 +338,38 @@ def choose_fp8_backend(requested: str, device: torch.device, *, pow2_scales: boo
     else:
         chosen = next(b for b in ("te", "torch", "emulated") if missing[b] is None)
     why = "; ".join(f"{b}: {m}" for b, m in missing.items() if m is not None and b != chosen)
-    factory = Fp8Factory(pow2_scales=pow2_scales)
+    factory = Fp8Factory(pow2_scales=pow2_scales, dispatch=dispatch)
     line = f"FP8 backend {chosen} (fp8.backend={requested}" + (f"; not {why}" if why and requested == "auto" else "") + ")"
     return factory, line
+
+
+class Fp8RowCodec:
+    """FP8 dispatch: the rows entering the routed experts cross the all-to-all as E4M3 values plus
+    their 1 x 128 FP32 scales, D + 4 * ceil(D / 128) bytes a row (vs 2 * D in BF16, 4 * D in FP32).
+
+    `encode` quantises exactly as the experts' first GEMM does (1 x 128 tiles along D, power-of-two
+    scales) and packs each row into bytes; `decode` gives the dequantised rows. The experts then
+    quantise those rows again, which with power-of-two scales gives back the same values exactly
+    (a dequantised tile's max-abs maps to the same, or half the, scale, and doubling an E4M3 value
+    is exact), so the experts' outputs are bit-identical to a dispatch of unquantised rows. Only
+    power-of-two scales have that property: the codec refuses others.
+    """
+
+    def __init__(self, *, pow2_scales: bool = True) -> None:
+        if not pow2_scales:
+            raise ValueError("FP8 dispatch needs fp8.pow2_scales=true (re-quantising its rows is exact only then)")
+
+    @staticmethod
+    def row_bytes(d: int) -> int:
+        return d + 4 * _n_blocks(d)
+
+    def encode(self, x_SD: torch.Tensor) -> torch.Tensor:
+        """[S, D] rows -> [S, D + 4 * ceil(D/128)] bytes (uint8): the E4M3 values, then the scales."""
+        q, scale = quantize_tiles(x_SD, pow2=True)
+        return torch.cat([q.view(torch.uint8), scale.contiguous().view(torch.uint8)], dim=1)
+
+    def decode(self, packed: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantised rows [S, D] in `dtype` from `encode`'s bytes."""
+        q = packed[:, :d].contiguous().view(E4M3)
+        scale = packed[:, d:].contiguous().view(torch.float32)
+        return dequantize_tiles(q, scale).to(dtype)

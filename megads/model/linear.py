@@ -11,6 +11,7 @@ Shapes: N rows (tokens), I input features, O output features, E experts.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -124,3 +125,8 @@ class LinearFactory:
 
     def grouped(self, num: int, in_features: int, out_features: int) -> nn.Module:
         return GroupedLinear(num, in_features, out_features)
+
+    def dispatch_codec(self) -> Any:
+        """How the rows entering the routed experts cross an expert-parallel all-to-all
+        (`megads.parallel.expert_parallel.RowCodec`); None: as they are."""
+        return None

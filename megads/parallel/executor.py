@@ -167,7 +167,8 @@ class ParallelExecutor:
         apply_recompute(self.model, recompute)
         self.expert_names = expert_names = set(
             shard_experts(self.model, group=mesh.ep_group, ep_size=mesh.ep, ep_rank=mesh.ep_rank,
-                          ranks_per_node=plan.ranks_per_node)
+                          ranks_per_node=plan.ranks_per_node,
+                          row_codec=linear_factory.dispatch_codec() if linear_factory is not None else None)
         )
         self.slots = router_slots(self.model, cfg=cfg)
         self.slot_names = {name: slot for slot, r in self.slots.items() for name, rr in routers(self.model).items() if rr is r}

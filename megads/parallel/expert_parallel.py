@@ -37,7 +37,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,16 @@ from megads.model.dispatch import DispatchResult
 from megads.model.moe import MoE
 
 
+class RowCodec(Protocol):
+    """How dispatched rows cross the all-to-all when not as they are (FP8 dispatch)."""
+
+    def row_bytes(self, d: int) -> int: ...
+
+    def encode(self, x_SD: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, packed: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor: ...
+
+
 @dataclass
 class _Pending:
     """An asynchronous all-to-all in flight: its work handle and the buffers it uses."""
@@ -54,6 +64,7 @@ class _Pending:
     work: Any = None
     keep: list[torch.Tensor] = field(default_factory=list)
     on_wait: Callable[[float], None] | None = None  # told the seconds this rank blocked in wait()
+    after: Callable[[], None] | None = None  # run once the exchange is complete (decode the rows)
 
     def wait(self) -> None:
         if self.work is not None:
@@ -62,6 +73,9 @@ class _Pending:
             if self.on_wait is not None:
                 self.on_wait(time.perf_counter() - t0)
             self.work = None
+            if self.after is not None:
+                self.after()
+                self.after = None
         self.keep.clear()
 
 
@@ -76,14 +90,27 @@ class _AllToAll(torch.autograd.Function):
         in_splits: list[int],
         group: dist.ProcessGroup | None,
         pending: _Pending,
+        codec: RowCodec | None = None,
     ) -> torch.Tensor:
         ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
         x_SD = x_SD.contiguous()
         out_MD = x_SD.new_empty((sum(out_splits), *x_SD.shape[1:]))
+        if codec is None:
+            send, recv = x_SD, out_MD
+        else:  # the rows travel encoded (FP8 dispatch); decoded into out_MD once they arrived
+            send = codec.encode(x_SD)
+            recv = send.new_empty((out_MD.shape[0], send.shape[1]))
+            d = x_SD.shape[1]
+
+            def decode_into_output() -> None:
+                with torch.no_grad():  # fill the Function's output: not an operation of the graph
+                    out_MD.copy_(codec.decode(recv, d, out_MD.dtype))
+
+            pending.after = decode_into_output
         pending.work = dist.all_to_all_single(
-            out_MD, x_SD, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group, async_op=True
+            recv, send, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group, async_op=True
         )
-        pending.keep.append(x_SD)
+        pending.keep += [send, recv]
         return out_MD
 
     @staticmethod
@@ -93,7 +120,7 @@ class _AllToAll(torch.autograd.Function):
         dist.all_to_all_single(
             grad_SD, grad_MD, output_split_sizes=ctx.in_splits, input_split_sizes=ctx.out_splits, group=ctx.group
         )
-        return grad_SD, None, None, None, None
+        return grad_SD, None, None, None, None, None
 
 
 def all_to_all_rows(
@@ -103,11 +130,13 @@ def all_to_all_rows(
     in_splits: list[int],
     group: dist.ProcessGroup | None,
     on_wait: Callable[[float], None] | None = None,
+    codec: RowCodec | None = None,
 ) -> tuple[torch.Tensor, _Pending]:
     """Start a differentiable uneven all-to-all of rows; read the result only after `pending.wait()`
-    (`on_wait` is told how long that wait blocked)."""
+    (`on_wait` is told how long that wait blocked). `codec`: the rows cross encoded (FP8 dispatch)
+    and arrive decoded; the backward sends the rows' gradients unencoded."""
     pending = _Pending(on_wait=on_wait)
-    out = _AllToAll.apply(x_SD, out_splits, in_splits, group, pending)
+    out = _AllToAll.apply(x_SD, out_splits, in_splits, group, pending, codec)
     return out, pending
 
 
@@ -182,6 +211,8 @@ class AllToAllDispatcher:
         self.nodes_reached_sum = 0  # sum over dispatched tokens of the nodes each reached (mean = / tokens)
         self.tokens_dispatched = 0
         self.wait_s = 0.0  # seconds this rank blocked waiting for its forward exchanges (the exposed part)
+        # Set from outside for FP8 dispatch (megads.model.fp8.Fp8RowCodec): rows cross encoded.
+        self.row_codec: RowCodec | None = None
 
     def reset_volume(self) -> None:
         self.sent_rows = 0
@@ -222,9 +253,11 @@ class AllToAllDispatcher:
             self.max_nodes_per_token = max(self.max_nodes_per_token, 1)
             self.nodes_reached_sum += N
         x_SD = x_ND.index_select(0, sort_S // K)
-        self.sent_bytes += x_SD.numel() * x_SD.element_size()
+        codec = self.row_codec
+        row_bytes = codec.row_bytes(x_SD.shape[1]) if codec is not None else x_SD.shape[1] * x_SD.element_size()
+        self.sent_bytes += x_SD.shape[0] * row_bytes
         rows_MD, pending = all_to_all_rows(x_SD, out_splits=out_splits, in_splits=in_splits, group=self.group,
-                                           on_wait=self._waited)
+                                           on_wait=self._waited, codec=codec)
         # Received blocks are (source p, local expert l) with recv_counts[p][l] rows; sort by (l, p).
         recv_PL = torch.tensor(recv_counts, dtype=torch.long, device=x_ND.device)
         key_PL = torch.arange(L, device=x_ND.device).unsqueeze(0) * P + torch.arange(P, device=x_ND.device).unsqueeze(1)
@@ -335,9 +368,11 @@ def shard_experts(
     ep_size: int,
     ep_rank: int,
     ranks_per_node: int | None = None,
+    row_codec: RowCodec | None = None,
 ) -> list[str]:
     """Keep this rank's E/ep experts in every MoE of `model` (`keep_expert_shard`, a no-op for a
-    model built cut) and install the all-to-all dispatcher.
+    model built cut) and install the all-to-all dispatcher (`row_codec`: how the dispatched rows
+    cross, e.g. FP8; None: as they are).
 
     Returns the names of the expert parameters (which ZeRO-1 shards over the expert-data-parallel
     group). With ep_size == 1 the experts stay whole and the local dispatcher is kept.
@@ -351,6 +386,7 @@ def shard_experts(
             moe.dispatcher = AllToAllDispatcher(
                 moe.n_routed_experts, group=group, ep_size=ep_size, ep_rank=ep_rank, ranks_per_node=ranks_per_node
             )
+            moe.dispatcher.row_codec = row_codec
         prefix = f"{mod_name}.experts." if mod_name else "experts."
         names.extend(prefix + n for n, _ in moe.experts.named_parameters())
     return names

@@ -170,6 +170,9 @@ class Fp8Config:
 
     backend: str = "auto"  # auto (first that runs of te, torch, emulated) | te | torch | emulated
     pow2_scales: bool = True  # scales rounded up to powers of two (Transformer Engine's default)
+    # the rows entering the routed experts cross the EP all-to-all in FP8 with their scales
+    # (D + 4 D/128 bytes a row); needs pow2_scales
+    dispatch: bool = True
 
 
 @dataclass
@@ -315,6 +318,9 @@ def _fp8_errors(cfg: TrainConfig) -> list[str]:
 
     if cfg.fp8.backend not in FP8_BACKENDS:
         return [f"fp8.backend={cfg.fp8.backend!r} must be one of {list(FP8_BACKENDS)}"]
+    if cfg.fp8.dispatch and not cfg.fp8.pow2_scales:
+        return ["fp8.dispatch=true needs fp8.pow2_scales=true (re-quantising the dispatched rows is exact "
+                "only with power-of-two scales); set one of them to the other's value"]
     gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     try:
         choose_fp8_backend(cfg.fp8.backend, torch.device("cuda" if gpu else "cpu"))

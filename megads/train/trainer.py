@@ -134,7 +134,8 @@ def linear_factory_for(cfg: TrainConfig, *, device: torch.device, rank: int = 0)
     from megads.model.fp8 import Fp8BackendUnavailable, choose_fp8_backend  # noqa: PLC0415
 
     try:
-        factory, line = choose_fp8_backend(cfg.fp8.backend, device, pow2_scales=cfg.fp8.pow2_scales)
+        factory, line = choose_fp8_backend(cfg.fp8.backend, device, pow2_scales=cfg.fp8.pow2_scales,
+                                           dispatch=cfg.fp8.dispatch)
     except Fp8BackendUnavailable as e:
         raise ConfigError(str(e)) from None
     if rank == 0:
