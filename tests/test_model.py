@@ -252,7 +252,7 @@ def test_config_validation_messages(changes: dict, needle: str) -> None:
         TINY.replace(**changes).validate()
 
 
-def test_every_gemm_goes_through_the_factory() -> None:
+def test_every_gemm_but_the_head_goes_through_the_factory() -> None:
     made: list[tuple[str, tuple[int, ...]]] = []
 
     class Recording(LinearFactory):
@@ -265,7 +265,8 @@ def test_every_gemm_goes_through_the_factory() -> None:
             return super().grouped(num, in_features, out_features)
 
     model = DeepseekV3(TINY, factory=Recording())
-    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    # every linear but the output head, which stays in high precision under FP8 (docs/fp8.md)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - 1
     n_grouped = sum(isinstance(m, GroupedLinear) for m in model.modules())
     assert sum(k == "linear" for k, _ in made) == n_linear
     assert sum(k == "grouped" for k, _ in made) == n_grouped

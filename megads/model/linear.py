@@ -69,6 +69,46 @@ class _GroupedMM(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+def grouped_kernel_usable(x_NI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` can run this grouped GEMM: present in this torch, float32 on
+    CPU or bfloat16 on a compute capability 9.0+ GPU, feature sizes multiples of 8 (its operands'
+    strides must be multiples of 16 bytes), at least one row. Otherwise the per-expert loop runs."""
+    if not hasattr(torch, "_grouped_mm") or x_NI.shape[0] == 0:
+        return False
+    if w_EOI.shape[1] % 8 or w_EOI.shape[2] % 8:
+        return False
+    if x_NI.device.type == "cpu":
+        return x_NI.dtype == torch.float32 and w_EOI.dtype == torch.float32
+    if x_NI.device.type == "cuda":
+        return x_NI.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_NI.device)[0] >= 9
+    return False
+
+
+class _GroupedKernelMM(torch.autograd.Function):
+    """The same product as `_GroupedMM` in three `torch._grouped_mm` calls (forward, input and
+    weight gradient), no Python loop over experts; the group offsets are made on the device from
+    the counts. A weight stack in another dtype than x (bf16 autocast over FP32 master weights)
+    is cast once per call."""
+
+    @staticmethod
+    def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:  # type: ignore[override]
+        offs = torch.tensor(counts, device=x_NI.device).cumsum(0).to(torch.int32)
+        w_low = w_EOI if w_EOI.dtype == x_NI.dtype else w_EOI.to(x_NI.dtype)
+        ctx.save_for_backward(x_NI, w_low, offs)
+        ctx.w_dtype = w_EOI.dtype
+        return torch._grouped_mm(x_NI, w_low.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad_NO: torch.Tensor):  # type: ignore[override]
+        x_NI, w_low, offs = ctx.saved_tensors
+        grad_NO = grad_NO.contiguous().to(x_NI.dtype)
+        grad_x = torch._grouped_mm(grad_NO, w_low, offs=offs) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # experts without rows get zeros
+            grad_w = torch._grouped_mm(grad_NO.t(), x_NI, offs=offs).to(ctx.w_dtype)
+        return grad_x, grad_w, None
+
+
 def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     """x in the dtype autocast would give a GEMM input on x's device (x itself outside autocast)."""
     device_type = x.device.type
@@ -77,8 +117,11 @@ def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int], *, kernel: bool | None = None) -> torch.Tensor:
     """Row-grouped matmul: expert e multiplies its contiguous slice of rows by w[e]^T.
+
+    `kernel`: run `torch._grouped_mm` (True), the per-expert loop (False, the reference), or the
+    kernel where `grouped_kernel_usable` says it can (None).
 
     Under autocast the GEMMs run in the autocast dtype, as `F.linear` does: a custom autograd
     Function is invisible to autocast, so without this cast the routed experts (most of a MoE
@@ -86,9 +129,11 @@ def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) -> to
     in the weight's dtype.
     """
     x_NI = to_autocast_dtype(x_NI)
-    # the weights are cast inside, one expert at a time; autocast must not cast them again
+    if kernel is None:
+        kernel = grouped_kernel_usable(x_NI, w_EOI)
+    # the weights are cast inside; autocast must not cast them again
     with torch.autocast(x_NI.device.type, enabled=False):
-        return _GroupedMM.apply(x_NI, w_EOI, counts)
+        return (_GroupedKernelMM if kernel else _GroupedMM).apply(x_NI, w_EOI, counts)
 
 
 class GroupedLinear(nn.Module):
