@@ -124,7 +124,7 @@ class PlanConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     mode: str = "estimate"  # estimate: the given layout | search: rank every layout of search.*
     seq_len: int = 4096
-    precision: str = "bf16"  # fp32 | bf16 | fp8 (FP8 is modelled analytically: megads trains bf16)
+    precision: str = "bf16"  # fp32 | bf16 | fp8 (modelled analytically; emitted as the trainer's precision=fp8)
     global_batch: int = 15360  # sequences per optimizer step
     cp: int = 1  # context-parallel degree (modelled only; the mesh has no cp yet)
     recompute: str = "none"  # memory.recompute of the trainer

@@ -18,7 +18,7 @@ def train_overrides(pc: PlanConfig, est: Estimate, *, model_choice: str, paralle
         f"parallel.ranks_per_node={pc.cluster.gpus_per_node}",
         f"parallel.moments_dtype={pc.parallel.moments_dtype}",
         f"seq_len={pc.seq_len}",
-        f"precision={'fp32' if pc.precision == 'fp32' else 'bf16'}",
+        f"precision={pc.precision}",
         f"memory.recompute={c.recompute}",
         f"memory.loss_chunk_tokens={pc.loss_chunk_tokens}",
         f"schedule.batch_end={pc.global_batch}",
@@ -37,6 +37,4 @@ def sbatch_command(pc: PlanConfig, est: Estimate, *, model_choice: str, parallel
                 f"{est.memory.usable / 1e9:.0f} GB usable: " + cmd)
     if not est.candidate.launchable:
         return "# not launchable (context parallel is not in megads' mesh yet): " + cmd
-    if pc.precision == "fp8":
-        return "# FP8 is modelled only; this runs the layout in bf16 until the FP8 path lands:\n" + cmd
     return cmd

@@ -482,7 +482,8 @@ def estimate(pc: PlanConfig, cand: Candidate, *, plan: LayoutPlan | None = None)
     if not cand.launchable:
         notes.append("context parallel is modelled only: megads' mesh has no cp yet (not launchable)")
     if pc.precision == "fp8":
-        notes.append("FP8 is modelled analytically (GEMM peak, 1-byte dispatch, 1-byte GEMM inputs); the trainer runs bf16")
+        notes.append("FP8 is modelled analytically (GEMM peak, 1-byte dispatch, 1-byte GEMM inputs); the trainer's "
+                     "precision=fp8 runs it (docs/fp8.md: only the emulated backend is wired so far)")
     if replicas > 1:
         notes.append("DualPipe holds two replicas of its pieces per rank (parameters counted once per piece held)")
     est = Estimate(candidate=cand, plan=plan, memory=worst, time=tb, tokens_per_s_per_gpu=tps,
