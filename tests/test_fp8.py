@@ -29,6 +29,7 @@ from megads.model.fp8 import (
     quantize_blocks,
     quantize_tiles,
 )
+from megads.model.linear import Linear
 from megads.model.transformer import DeepseekV3
 from megads.testing.parallel import tiny_config
 
@@ -174,10 +175,10 @@ def test_the_factory_makes_fp8_block_layers_and_keeps_the_rest_high_precision() 
         assert torch.equal(a, b), name  # the same parameters: checkpoints and HF conversion unchanged
     kinds = {type(m).__name__ for m in model.modules()}
     assert {"Fp8Linear", "Fp8GroupedLinear"} <= kinds
-    assert not isinstance(model.lm_head, Fp8Linear) and type(model.lm_head) is torch.nn.Linear
+    assert not isinstance(model.lm_head, Fp8Linear) and type(model.lm_head) is Linear
     assert not any(isinstance(m, Fp8Linear) for n, m in model.named_modules() if "gate" in n and "proj" not in n)
     n_fp8 = sum(isinstance(m, (Fp8Linear, Fp8GroupedLinear)) for m in model.modules())
-    n_linear = sum(type(m) in (torch.nn.Linear,) for m in ref.modules())
+    n_linear = sum(type(m) is Linear for m in ref.modules())
     assert n_fp8 == n_linear - 1 + sum(type(m).__name__ == "GroupedLinear" for m in ref.modules())  # all but the head
     ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     labels = torch.roll(ids, -1, 1)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from megads.model.linear import GroupedLinear, LinearFactory
+from megads.model.linear import GroupedLinear, Linear, LinearFactory, WeightGradSlot
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -167,13 +167,14 @@ class _Fp8Linear(torch.autograd.Function):
     # same values a re-quantisation would give): one FP32 weight copy per layer until its backward.
     @staticmethod
     def forward(ctx, x_NK: torch.Tensor, w_OK: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
-                pow2: bool, out_dtype: torch.dtype) -> torch.Tensor:
+                pow2: bool, out_dtype: torch.dtype, slot: WeightGradSlot | None = None) -> torch.Tensor:
         w_dq = fake_quant_blocks(w_OK, pow2=pow2)
         y = _forward_dq(fake_quant_tiles(x_NK, pow2=pow2), w_dq)
         if bias is not None:
             y = y + bias.float()
         ctx.save_for_backward(x_NK, w_dq)
         ctx.pow2, ctx.has_bias, ctx.x_dtype, ctx.w_dtype = pow2, bias is not None, x_NK.dtype, w_OK.dtype
+        ctx.slot = slot
         return y.to(out_dtype)
 
     @staticmethod
@@ -183,19 +184,24 @@ class _Fp8Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _input_grad_dq(fake_quant_tiles(g_NO, pow2=ctx.pow2), w_dq).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = fp8_weight_grad(g_NO, x_NK, pow2=ctx.pow2).to(ctx.w_dtype)
+            pow2, w_dtype = ctx.pow2, ctx.w_dtype
+
+            def weight_grad() -> torch.Tensor:
+                return fp8_weight_grad(g_NO, x_NK, pow2=pow2).to(w_dtype)
+
+            grad_w = weight_grad() if ctx.slot is None else ctx.slot.take(weight_grad)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g_NO.float().sum(0).to(ctx.w_dtype)  # a sum, no GEMM: full precision
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-               pow2: bool = True) -> torch.Tensor:
+               pow2: bool = True, slot: WeightGradSlot | None = None) -> torch.Tensor:
     """F.linear with the FP8 numerics above in its three GEMMs (any leading dimensions of x)."""
     out_dtype = _out_dtype(x)
     lead = x.shape[:-1]
     with torch.autocast(x.device.type, enabled=False):  # the function does its own casts
-        y = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, bias, pow2, out_dtype)
+        y = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, bias, pow2, out_dtype, slot)
     return y.view(*lead, weight.shape[0])
 
 
@@ -210,7 +216,7 @@ class _Fp8GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_NK: torch.Tensor, w_EOK: torch.Tensor, counts: list[int],  # type: ignore[override]
-                pow2: bool, out_dtype: torch.dtype) -> torch.Tensor:
+                pow2: bool, out_dtype: torch.dtype, slot: WeightGradSlot | None = None) -> torch.Tensor:
         y = x_NK.new_empty(x_NK.shape[0], w_EOK.shape[1], dtype=out_dtype)
         x_dq = fake_quant_tiles(x_NK, pow2=pow2)
         w_dq = fake_quant_blocks(w_EOK, pow2=pow2)
@@ -220,34 +226,47 @@ class _Fp8GroupedMM(torch.autograd.Function):
                 y[start:start + n] = _forward_dq(x_dq[start:start + n], w_dq[e])
             start += n
         ctx.save_for_backward(x_NK, w_dq)
-        ctx.counts, ctx.pow2, ctx.w_dtype = counts, pow2, w_EOK.dtype
+        ctx.counts, ctx.pow2, ctx.w_dtype, ctx.slot = counts, pow2, w_EOK.dtype, slot
         return y
 
     @staticmethod
     def backward(ctx, g_NO: torch.Tensor):  # type: ignore[override]
         x_NK, w_dq = ctx.saved_tensors
-        grad_x = x_NK.new_empty(x_NK.shape) if ctx.needs_input_grad[0] else None
-        grad_w = w_dq.new_zeros(w_dq.shape, dtype=ctx.w_dtype) if ctx.needs_input_grad[1] else None
-        g_dq = fake_quant_tiles(g_NO, pow2=ctx.pow2) if grad_x is not None else None
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n:
-                if grad_x is not None:
+        counts, pow2, w_dtype = ctx.counts, ctx.pow2, ctx.w_dtype
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = x_NK.new_empty(x_NK.shape)
+            g_dq = fake_quant_tiles(g_NO, pow2=pow2)
+            start = 0
+            for e, n in enumerate(counts):
+                if n:
                     grad_x[start:start + n] = _input_grad_dq(g_dq[start:start + n], w_dq[e])
-                if grad_w is not None:
-                    grad_w[e] = fp8_weight_grad(g_NO[start:start + n], x_NK[start:start + n], pow2=ctx.pow2)
-            start += n
-        return grad_x, grad_w, None, None, None
+                start += n
+
+        def weight_grad() -> torch.Tensor:
+            grad_w = w_dq.new_zeros(w_dq.shape, dtype=w_dtype)
+            start = 0
+            for e, n in enumerate(counts):
+                if n:
+                    grad_w[e] = fp8_weight_grad(g_NO[start:start + n], x_NK[start:start + n], pow2=pow2)
+                start += n
+            return grad_w
+
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad() if ctx.slot is None else ctx.slot.take(weight_grad)
+        return grad_x, grad_w, None, None, None, None
 
 
-def fp8_grouped_mm(x_NK: torch.Tensor, w_EOK: torch.Tensor, counts: list[int], *, pow2: bool = True) -> torch.Tensor:
+def fp8_grouped_mm(x_NK: torch.Tensor, w_EOK: torch.Tensor, counts: list[int], *, pow2: bool = True,
+                   slot: WeightGradSlot | None = None) -> torch.Tensor:
     """`megads.model.linear.grouped_mm` with the FP8 numerics: one scale set per expert."""
     out_dtype = _out_dtype(x_NK)
     with torch.autocast(x_NK.device.type, enabled=False):
-        return _Fp8GroupedMM.apply(x_NK, w_EOK, counts, pow2, out_dtype)
+        return _Fp8GroupedMM.apply(x_NK, w_EOK, counts, pow2, out_dtype, slot)
 
 
-class Fp8Linear(nn.Linear):
+class Fp8Linear(Linear):
     """nn.Linear whose GEMMs run in block-scaled FP8 (the emulation); FP32 master weight."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False, pow2: bool = True) -> None:
@@ -255,7 +274,7 @@ class Fp8Linear(nn.Linear):
         self.pow2 = pow2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias, pow2=self.pow2)
+        return fp8_linear(x, self.weight, self.bias, pow2=self.pow2, slot=self.wgrad_slot)
 
 
 class Fp8GroupedLinear(GroupedLinear):
@@ -267,7 +286,7 @@ class Fp8GroupedLinear(GroupedLinear):
 
     def forward(self, x_NI: torch.Tensor, counts: list[int]) -> torch.Tensor:
         assert len(counts) == self.num, (len(counts), self.num)
-        return fp8_grouped_mm(x_NI, self.weight, counts, pow2=self.pow2)
+        return fp8_grouped_mm(x_NI, self.weight, counts, pow2=self.pow2, slot=self.wgrad_slot)
 
 
 class Fp8Factory(LinearFactory):

@@ -11,10 +11,124 @@ Shapes: N rows (tokens), I input features, O output features, E experts.
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+
+class WeightGradStash:
+    """The B of a B/W split: weight gradients of GEMM layers, deferred to W.
+
+    During B (`deferring(layers, stash)`) each GEMM layer's backward computes its input gradient
+    and hands the stash a closure over what its weight gradient needs (its input and output
+    gradient); W (`compute`) runs the closures: one GEMM per use of a layer, no walk of the graph.
+    """
+
+    def __init__(self) -> None:
+        self._work: list[tuple[nn.Module, Callable[[], torch.Tensor]]] = []
+
+    def defer(self, layer: nn.Module, compute: Callable[[], torch.Tensor]) -> None:
+        self._work.append((layer, compute))
+
+    def __len__(self) -> int:
+        return len(self._work)
+
+    def compute(self) -> dict[int, torch.Tensor]:
+        """id(layer.weight) -> its gradient, summed over the layer's uses in the order B met them."""
+        out: dict[int, torch.Tensor] = {}
+        for layer, fn in self._work:
+            key, g = id(layer.weight), fn()
+            out[key] = g if key not in out else out[key] + g
+        self._work.clear()
+        return out
+
+
+class WeightGradSlot:
+    """Where one GEMM layer's backward sends its weight gradient: `stash` None = compute it at once.
+
+    Holds its layer weakly (the layer owns the slot); the layer's `weight` is read only in W, so
+    parameters replaced after construction (meta materialisation, expert sharding) are the ones
+    that get the gradient."""
+
+    __slots__ = ("_layer", "stash")
+
+    def __init__(self, layer: nn.Module) -> None:
+        self._layer = weakref.ref(layer)
+        self.stash: WeightGradStash | None = None
+
+    def take(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """The weight gradient now, or None after handing `compute` to the stash."""
+        if self.stash is None:
+            return compute()
+        layer = self._layer()
+        assert layer is not None
+        self.stash.defer(layer, compute)
+        return None
+
+
+def deferrable_layers(module: nn.Module) -> list[nn.Module]:
+    """The GEMM layers under `module` whose weight gradients a B/W split can defer."""
+    return [m for m in module.modules() if isinstance(getattr(m, "wgrad_slot", None), WeightGradSlot)]
+
+
+@contextmanager
+def deferring(layers: Sequence[nn.Module], stash: WeightGradStash) -> Iterator[WeightGradStash]:
+    """While active, the backward of `layers` defers their weight gradients to `stash`."""
+    for m in layers:
+        m.wgrad_slot.stash = stash
+    try:
+        yield stash
+    finally:
+        for m in layers:
+            m.wgrad_slot.stash = None
+
+
+class _LinearFn(torch.autograd.Function):
+    """F.linear with the weight gradient that can be deferred (`WeightGradSlot`). Inputs arrive
+    in the GEMM dtype (`linear` casts, as autocast would); the gradients are autograd's for
+    F.linear: dx = g W, dW = g^T x, db = sum g."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, slot: WeightGradSlot,  # type: ignore[override]
+                w_dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.slot, ctx.has_bias, ctx.w_dtype = slot, b is not None, w_dtype
+        return torch.nn.functional.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g.matmul(w)
+        g2 = g.reshape(-1, g.shape[-1])
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])
+            w_dtype = ctx.w_dtype
+            grad_w = ctx.slot.take(lambda: g2.t().mm(x2).to(w_dtype))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose weight gradient a B/W split can defer (`WeightGradSlot`); the same
+    parameters, forward and gradients as nn.Linear otherwise."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.wgrad_slot = WeightGradSlot(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_autocast_dtype(x)
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        b = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return _LinearFn.apply(x, w, b, self.wgrad_slot, self.weight.dtype)
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -27,7 +141,8 @@ class _GroupedMM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int],  # type: ignore[override]
+                slot: WeightGradSlot | None = None) -> torch.Tensor:
         y_NO = x_NI.new_empty(x_NI.shape[0], w_EOI.shape[1])
         cast = w_EOI.dtype != x_NI.dtype
         w_cast: list[torch.Tensor] = []  # the low-precision weights, kept for backward as F.linear does
@@ -40,33 +155,42 @@ class _GroupedMM(torch.autograd.Function):
                 torch.mm(x_NI[start:start + n], w_OI.t(), out=y_NO[start:start + n])
             start += n
         ctx.save_for_backward(x_NI, w_EOI, *w_cast)
-        ctx.counts = counts
+        ctx.counts, ctx.slot = counts, slot
         return y_NO
 
     @staticmethod
     def backward(ctx, grad_NO: torch.Tensor):  # type: ignore[override]
         x_NI, w_EOI, *w_cast = ctx.saved_tensors
         grad_NO = grad_NO.contiguous().to(x_NI.dtype)
-        grad_x = x_NI.new_empty(x_NI.shape) if ctx.needs_input_grad[0] else None
-        grad_w = torch.empty_like(w_EOI) if ctx.needs_input_grad[1] else None
-        same_dtype = not w_cast
-        cast_iter = iter(w_cast)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if not n and grad_w is not None:
-                grad_w[e].zero_()  # only experts without rows; the rest are fully overwritten
-            if n:
-                g = grad_NO[start:start + n]
-                w_OI = w_EOI[e] if same_dtype else next(cast_iter)
-                if grad_x is not None:
-                    torch.mm(g, w_OI, out=grad_x[start:start + n])
-                if grad_w is not None:
-                    if same_dtype:
-                        torch.mm(g.t(), x_NI[start:start + n], out=grad_w[e])
-                    else:
-                        grad_w[e].copy_(torch.mm(g.t(), x_NI[start:start + n]))
-            start += n
-        return grad_x, grad_w, None
+        counts = ctx.counts
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = x_NI.new_empty(x_NI.shape)
+            cast_iter = iter(w_cast)
+            start = 0
+            for e, n in enumerate(counts):
+                if n:
+                    w_OI = next(cast_iter) if w_cast else w_EOI[e]
+                    torch.mm(grad_NO[start:start + n], w_OI, out=grad_x[start:start + n])
+                start += n
+
+        def weight_grad() -> torch.Tensor:
+            grad_w = torch.empty_like(w_EOI)
+            start = 0
+            for e, n in enumerate(counts):
+                if not n:
+                    grad_w[e].zero_()  # only experts without rows; the rest are fully overwritten
+                elif not w_cast:
+                    torch.mm(grad_NO[start:start + n].t(), x_NI[start:start + n], out=grad_w[e])
+                else:
+                    grad_w[e].copy_(torch.mm(grad_NO[start:start + n].t(), x_NI[start:start + n]))
+                start += n
+            return grad_w
+
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad() if ctx.slot is None else ctx.slot.take(weight_grad)
+        return grad_x, grad_w, None, None
 
 
 def grouped_kernel_usable(x_NI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
@@ -91,11 +215,12 @@ class _GroupedKernelMM(torch.autograd.Function):
     is cast once per call."""
 
     @staticmethod
-    def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int],  # type: ignore[override]
+                slot: WeightGradSlot | None = None) -> torch.Tensor:
         offs = torch.tensor(counts, device=x_NI.device).cumsum(0).to(torch.int32)
         w_low = w_EOI if w_EOI.dtype == x_NI.dtype else w_EOI.to(x_NI.dtype)
         ctx.save_for_backward(x_NI, w_low, offs)
-        ctx.w_dtype = w_EOI.dtype
+        ctx.w_dtype, ctx.slot = w_EOI.dtype, slot
         return torch._grouped_mm(x_NI, w_low.transpose(1, 2), offs=offs)
 
     @staticmethod
@@ -103,10 +228,15 @@ class _GroupedKernelMM(torch.autograd.Function):
         x_NI, w_low, offs = ctx.saved_tensors
         grad_NO = grad_NO.contiguous().to(x_NI.dtype)
         grad_x = torch._grouped_mm(grad_NO, w_low, offs=offs) if ctx.needs_input_grad[0] else None
+        w_dtype = ctx.w_dtype
+
+        def weight_grad() -> torch.Tensor:  # experts without rows get zeros
+            return torch._grouped_mm(grad_NO.t(), x_NI, offs=offs).to(w_dtype)
+
         grad_w = None
-        if ctx.needs_input_grad[1]:  # experts without rows get zeros
-            grad_w = torch._grouped_mm(grad_NO.t(), x_NI, offs=offs).to(ctx.w_dtype)
-        return grad_x, grad_w, None
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad() if ctx.slot is None else ctx.slot.take(weight_grad)
+        return grad_x, grad_w, None, None
 
 
 def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +247,8 @@ def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int], *, kernel: bool | None = None) -> torch.Tensor:
+def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int], *, kernel: bool | None = None,
+               slot: WeightGradSlot | None = None) -> torch.Tensor:
     """Row-grouped matmul: expert e multiplies its contiguous slice of rows by w[e]^T.
 
     `kernel`: run `torch._grouped_mm` (True), the per-expert loop (False, the reference), or the
@@ -133,7 +264,7 @@ def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int], *, ke
         kernel = grouped_kernel_usable(x_NI, w_EOI)
     # the weights are cast inside; autocast must not cast them again
     with torch.autocast(x_NI.device.type, enabled=False):
-        return (_GroupedKernelMM if kernel else _GroupedMM).apply(x_NI, w_EOI, counts)
+        return (_GroupedKernelMM if kernel else _GroupedMM).apply(x_NI, w_EOI, counts, slot)
 
 
 class GroupedLinear(nn.Module):
@@ -151,10 +282,11 @@ class GroupedLinear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(num, out_features, in_features))
         nn.init.kaiming_uniform_(self.weight.view(-1, in_features), a=math.sqrt(5))
+        self.wgrad_slot = WeightGradSlot(self)
 
     def forward(self, x_NI: torch.Tensor, counts: list[int]) -> torch.Tensor:
         assert len(counts) == self.num, (len(counts), self.num)
-        return grouped_mm(x_NI, self.weight, counts)
+        return grouped_mm(x_NI, self.weight, counts, slot=self.wgrad_slot)
 
     def extra_repr(self) -> str:
         return f"num={self.num}, in_features={self.in_features}, out_features={self.out_features}"
@@ -166,7 +298,7 @@ class LinearFactory:
     name = "native"
 
     def linear(self, in_features: int, out_features: int, *, bias: bool = False) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=bias)
+        return Linear(in_features, out_features, bias=bias)
 
     def grouped(self, num: int, in_features: int, out_features: int) -> nn.Module:
         return GroupedLinear(num, in_features, out_features)

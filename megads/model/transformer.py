@@ -27,7 +27,7 @@ from torch import nn
 from megads.model.block import RopeCache, TransformerBlock
 from megads.model.config import ModelConfig
 from megads.model.init import init_parameters
-from megads.model.linear import LinearFactory
+from megads.model.linear import Linear, LinearFactory
 from megads.model.loss import cross_entropy, head_cross_entropy
 from megads.model.mtp import MTPModule
 from megads.model.norm import RMSNorm
@@ -71,7 +71,7 @@ class DeepseekV3(nn.Module):
         )
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         # the output head stays in high precision under FP8 (as the embedding): not the factory's
-        self.lm_head: nn.Module | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head: nn.Module | None = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp: nn.ModuleDict | None = nn.ModuleDict(
             {str(k): MTPModule(cfg, depth=k + 1, factory=factory) for k in range(cfg.num_nextn_predict_layers)}
         )

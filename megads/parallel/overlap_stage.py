@@ -18,8 +18,9 @@ Without a cut (overlap off, or ep = 1) a chunk's tape is one segment.
 `Tape.backward` walks the segments in reverse: `autograd.grad` of one segment's outputs gives
 its leaves' gradients, which are the previous segment's output gradients; across an exchange
 the gradient goes through the reverse all-to-all, yielded while in flight. B/W split: B walks
-for the leaf gradients only (with the a2a backward), keeping each segment's (outputs, output
-gradients); W runs `autograd.grad(outputs, parameters)` per kept segment, no communication.
+the graph once for the leaf gradients (with the a2a backward) and the non-GEMM parameters'
+while every GEMM layer stashes its input and output gradient (`megads.model.linear.deferring`);
+W is then one weight-gradient GEMM per layer use from the stash: no graph walk, no communication.
 
 Forward and backward are generators yielding each in-flight all-to-all, so
 
@@ -36,6 +37,7 @@ Shapes: as in megads.parallel.stages.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
@@ -85,8 +87,7 @@ class TapeGrads:
     """What `Tape.backward` returns."""
 
     inputs: list[torch.Tensor | None]  # gradient of each leaf of the first segment (the chunk input first)
-    params: list[torch.Tensor | None]  # summed parameter gradients (weights=True)
-    weight_work: list[tuple[list[torch.Tensor], list[torch.Tensor]]]  # per segment, for W (weights=False)
+    params: list[torch.Tensor | None]  # summed gradients of the `params` asked for
 
 
 @dataclass
@@ -139,15 +140,19 @@ class Tape:
         self.segments.append(self.current)
 
     def backward(
-        self, grad_outs: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, weights: bool
+        self, grad_outs: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, weights: bool,
+        defer: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> Generator[Waitable, None, TapeGrads]:
         """Segments in reverse, yielding each reverse all-to-all; `grad_outs` of the last segment's outs.
 
-        weights=True: leaf and parameter gradients at once (BW); False: leaf gradients only (B),
-        each segment's (outputs, gradients) kept for W.
+        weights=True: leaf and parameter gradients at once (BW). False: the B of a B/W split,
+        under `defer` (a context in which the GEMM layers hand their weight gradients to a stash,
+        `megads.model.linear.deferring`): leaf gradients and those of `params` (the parameters
+        that are not GEMM weights) now; W later takes the GEMM weights' from the stash, one GEMM
+        per layer use, without walking the graph again.
         """
+        assert weights or defer is not None, "a B without deferred weight gradients has no W to go with"
         acc: list[torch.Tensor | None] = [None] * len(params)
-        keep: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         grads: list[torch.Tensor | None] = list(grad_outs)  # of the segment's outs
         grad_sent: torch.Tensor | None = None  # of the segment's sent value
         grad_in: list[torch.Tensor | None] = []
@@ -156,13 +161,12 @@ class Tape:
             outs, gouts = [o for o, _ in pairs], [g for _, g in pairs]
             inputs = seg.inputs()
             if outs and (inputs or params):
-                got = torch.autograd.grad(outs, inputs + list(params), gouts, allow_unused=True, retain_graph=not weights)
+                with defer() if defer is not None else nullcontext():
+                    got = torch.autograd.grad(outs, inputs + list(params), gouts, allow_unused=True)
                 grad_in = list(got[: len(inputs)])
                 _add_into(acc, got[len(inputs) :])
             else:
                 grad_in = [None] * len(inputs)
-            if outs and not weights:
-                keep.append((outs, gouts))
             grads, grad_sent = grad_in[: len(seg.leaves)], None
             if seg.received is not None:
                 assert seg.reverse is not None
@@ -172,17 +176,7 @@ class Tape:
                 yield handle.pending
                 with torch.no_grad():
                     grad_sent = handle.wait()
-        return TapeGrads(inputs=grads, params=acc, weight_work=keep)
-
-
-def weight_grads(
-    work: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]]], params: Sequence[torch.Tensor]
-) -> list[torch.Tensor | None]:
-    """W of a B/W split: parameter gradients of the segments B kept, summed."""
-    acc: list[torch.Tensor | None] = [None] * len(params)
-    for outs, grads in reversed(work):
-        _add_into(acc, torch.autograd.grad(outs, list(params), grads, allow_unused=True))
-    return acc
+        return TapeGrads(inputs=grads, params=acc)
 
 
 def _add_into(acc: list[torch.Tensor | None], got: Sequence[torch.Tensor | None]) -> None:

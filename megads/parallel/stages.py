@@ -53,14 +53,14 @@ from torch import nn
 from megads.model.block import RopeCache, TransformerBlock
 from megads.model.config import ModelConfig
 from megads.model.dispatch import DispatchResult
-from megads.model.linear import LinearFactory
+from megads.model.linear import LinearFactory, WeightGradStash, deferrable_layers, deferring
 from megads.model.loss import head_cross_entropy
 from megads.model.moe import MoE
 from megads.model.rope import RotaryEmbedding
 from megads.model.router import Router
 from megads.model.transformer import DeepseekV3, draw_init_seed, total_loss
 from megads.parallel.expert_parallel import AllToAllDispatcher, keep_expert_shard
-from megads.parallel.overlap_stage import Reverse, Steps, Tape, drive, weight_grads
+from megads.parallel.overlap_stage import Reverse, Steps, Tape, drive
 from megads.pipeline.actions import Layout
 from megads.pipeline.overlap import Waitable, interleave
 from megads.pipeline.stage import BackwardArgs, ForwardArgs, StageBase, TensorMeta
@@ -211,7 +211,7 @@ class DeepseekStage(StageBase):
         self._m = 1
         self._tapes: dict[tuple[int, int], Tape] = {}
         # B/W split: per segment (outputs, output gradients) that W still has to walk
-        self._w_pending: dict[tuple[int, int], list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = {}
+        self._w_pending: dict[tuple[int, int], WeightGradStash] = {}  # B's stashes, for W
         # per-step sums of detached loss parts on this rank: lm, mtp, balance (all pieces here)
         self.stats = torch.zeros(3, dtype=torch.float64)
 
@@ -424,7 +424,10 @@ class DeepseekStage(StageBase):
             grads.append(outs[1].new_tensor(s / self._m))
         return grads
 
-    def _accumulate(self, chunk: int, params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor | None]) -> None:
+    def _accumulate(self, chunk: int, params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor | None], *,
+                    count: bool = True) -> None:
+        """Add `grads` into the parameters' .grad; `count`: this completes the chunk's gradients
+        for one micro-batch (the B of a B/W split does not: its W does)."""
         taken: set[int] = set()
         for p, g in zip(params, grads):
             if g is None:
@@ -438,6 +441,8 @@ class DeepseekStage(StageBase):
                 taken.add(p.grad.data_ptr())
             else:
                 p.grad.add_(g)
+        if not count:
+            return
         path_mbs = len(self.layout.path_microbatches[self.layout.chunks[chunk].path])
         self._done[chunk] = self._done.get(chunk, 0) + 1
         if self._done[chunk] == path_mbs and self.on_chunk_grads_final is not None:
@@ -450,13 +455,21 @@ class DeepseekStage(StageBase):
         what W needs kept.
         """
         tape = self._tapes.pop((chunk, mb))
-        params = self.chunk_parameters(chunk) if weights else []
         grads = self._output_grads(chunk, tape.segments[-1].outs, grad_y)
-        got = yield from tape.backward(grads, params, weights=weights)
         if weights:
+            params = self.chunk_parameters(chunk)
+            got = yield from tape.backward(grads, params, weights=True)
             self._accumulate(chunk, params, got.params)
         else:
-            self._w_pending[(chunk, mb)] = got.weight_work
+            # B: input gradients, and those of the parameters that are not GEMM weights (norms,
+            # router, embedding: cheap); the GEMM layers stash what their weight gradients need
+            layers = deferrable_layers_of(self.model, self.chunk_parameters(chunk))
+            gemm = {id(m.weight) for m in layers}
+            others = [p for p in self.chunk_parameters(chunk) if id(p) not in gemm]
+            stash = WeightGradStash()
+            got = yield from tape.backward(grads, others, weights=False, defer=lambda: deferring(layers, stash))
+            self._accumulate(chunk, others, got.params, count=False)
+            self._w_pending[(chunk, mb)] = stash
         if self.specs[self.layout.chunks[chunk].piece].first:
             return None
         x = tape.segments[0].leaves[0]
@@ -469,8 +482,16 @@ class DeepseekStage(StageBase):
         return drive(self.backward_steps(chunk, mb, grad_y, weights=False))
 
     def backward_weight(self, chunk: int, mb: int) -> None:
+        """W: the GEMM weight gradients B stashed, one GEMM per layer use (no graph walk)."""
         params = self.chunk_parameters(chunk)
-        self._accumulate(chunk, params, weight_grads(self._w_pending.pop((chunk, mb)), params))
+        grads = self._w_pending.pop((chunk, mb)).compute()
+        self._accumulate(chunk, params, [grads.get(id(p)) for p in params])
+
+
+def deferrable_layers_of(model: nn.Module, params: Sequence[nn.Parameter]) -> list[nn.Module]:
+    """The GEMM layers of `model` whose weight is one of `params` (one chunk's)."""
+    ids = {id(p) for p in params}
+    return [m for m in deferrable_layers(model) if id(m.weight) in ids]
 
 
 def _reverse(disp: AllToAllDispatcher, method: str, result: DispatchResult) -> Reverse:
