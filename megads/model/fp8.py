@@ -29,6 +29,8 @@ Shapes: N rows (tokens), K contraction, O output features, E experts.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
@@ -205,6 +207,15 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return y.view(*lead, weight.shape[0])
 
 
+def expert_rows(counts: list[int]) -> Iterator[tuple[int, slice]]:
+    """(expert, its slice of rows) for every expert with rows, the rows grouped in expert order."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
 class _Fp8GroupedMM(torch.autograd.Function):
     """Expert e: its contiguous rows times w[e]^T, each expert with its own scales.
 
@@ -220,11 +231,8 @@ class _Fp8GroupedMM(torch.autograd.Function):
         y = x_NK.new_empty(x_NK.shape[0], w_EOK.shape[1], dtype=out_dtype)
         x_dq = fake_quant_tiles(x_NK, pow2=pow2)
         w_dq = fake_quant_blocks(w_EOK, pow2=pow2)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                y[start:start + n] = _forward_dq(x_dq[start:start + n], w_dq[e])
-            start += n
+        for e, rows in expert_rows(counts):
+            y[rows] = _forward_dq(x_dq[rows], w_dq[e])
         ctx.save_for_backward(x_NK, w_dq)
         ctx.counts, ctx.pow2, ctx.w_dtype, ctx.slot = counts, pow2, w_EOK.dtype, slot
         return y
@@ -237,19 +245,13 @@ class _Fp8GroupedMM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = x_NK.new_empty(x_NK.shape)
             g_dq = fake_quant_tiles(g_NO, pow2=pow2)
-            start = 0
-            for e, n in enumerate(counts):
-                if n:
-                    grad_x[start:start + n] = _input_grad_dq(g_dq[start:start + n], w_dq[e])
-                start += n
+            for e, rows in expert_rows(counts):
+                grad_x[rows] = _input_grad_dq(g_dq[rows], w_dq[e])
 
         def weight_grad() -> torch.Tensor:
             grad_w = w_dq.new_zeros(w_dq.shape, dtype=w_dtype)
-            start = 0
-            for e, n in enumerate(counts):
-                if n:
-                    grad_w[e] = fp8_weight_grad(g_NO[start:start + n], x_NK[start:start + n], pow2=pow2)
-                start += n
+            for e, rows in expert_rows(counts):
+                grad_w[e] = fp8_weight_grad(g_NO[rows], x_NK[rows], pow2=pow2)
             return grad_w
 
         grad_w = None
