@@ -48,3 +48,28 @@ def test_b_then_w_equals_one_backward(factory) -> None:  # noqa: ANN001
     for m in layers:
         if id(m.weight) in full:
             assert torch.equal(w_grads[id(m.weight)], full[id(m.weight)]), type(m).__name__
+
+
+def test_under_bf16_autocast_w_gives_the_weight_gradient_of_one_backward() -> None:
+    """A Linear under autocast multiplies a bf16 copy of its FP32 weight: B then W must give the
+    FP32 gradient one backward gives (the bf16 GEMM result cast once), not a second rounding."""
+    from megads.model.linear import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(64, 48)
+    x = torch.randn(2, 10, 64)
+    g = torch.randn(2, 10, 48, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.backward(g)
+    full = layer.weight.grad.clone()
+    assert full.dtype == torch.float32
+    layer.weight.grad = None
+    xr = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(xr)
+    stash = WeightGradStash()
+    with deferring([layer], stash):
+        torch.autograd.grad(y, [xr], g)
+    w = stash.compute()[id(layer.weight)]
+    assert w.dtype == torch.float32 and torch.equal(w, full)

@@ -38,10 +38,11 @@ class WeightGradStash:
         return len(self._work)
 
     def compute(self) -> dict[int, torch.Tensor]:
-        """id(layer.weight) -> its gradient, summed over the layer's uses in the order B met them."""
+        """id(layer.weight) -> its gradient (in the weight's dtype), summed over the layer's uses in
+        the order B met them."""
         out: dict[int, torch.Tensor] = {}
         for layer, fn in self._work:
-            key, g = id(layer.weight), fn()
+            key, g = id(layer.weight), fn().to(layer.weight.dtype)
             out[key] = g if key not in out else out[key] + g
         self._work.clear()
         return out
@@ -93,10 +94,10 @@ class _LinearFn(torch.autograd.Function):
     F.linear: dx = g W, dW = g^T x, db = sum g."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, slot: WeightGradSlot,  # type: ignore[override]
-                w_dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,  # type: ignore[override]
+                slot: WeightGradSlot) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        ctx.slot, ctx.has_bias, ctx.w_dtype = slot, b is not None, w_dtype
+        ctx.slot, ctx.has_bias = slot, b is not None
         return torch.nn.functional.linear(x, w, b)
 
     @staticmethod
@@ -108,11 +109,12 @@ class _LinearFn(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
-            w_dtype = ctx.w_dtype
-            grad_w = ctx.slot.take(lambda: g2.t().mm(x2).to(w_dtype))
+            # in w's dtype (the GEMM's), as autograd gives it; the cast of an autocast copy back to
+            # the master weight's dtype is the cast's backward (or WeightGradStash.compute in W)
+            grad_w = ctx.slot.take(lambda: g2.t().mm(x2))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None
 
 
 class Linear(nn.Linear):
@@ -128,7 +130,7 @@ class Linear(nn.Linear):
         w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         b = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            return _LinearFn.apply(x, w, b, self.wgrad_slot, self.weight.dtype)
+            return _LinearFn.apply(x, w, b, self.wgrad_slot)
 
 
 class _GroupedMM(torch.autograd.Function):
