@@ -212,6 +212,7 @@ class DeepseekStage(StageBase):
         self._tapes: dict[tuple[int, int], Tape] = {}
         # B/W split: per segment (outputs, output gradients) that W still has to walk
         self._w_pending: dict[tuple[int, int], WeightGradStash] = {}  # B's stashes, for W
+        self._split_cache: dict[int, tuple[list[nn.Module], list[nn.Parameter]]] = {}
         # per-step sums of detached loss parts on this rank: lm, mtp, balance (all pieces here)
         self.stats = torch.zeros(3, dtype=torch.float64)
 
@@ -463,9 +464,7 @@ class DeepseekStage(StageBase):
         else:
             # B: input gradients, and those of the parameters that are not GEMM weights (norms,
             # router, embedding: cheap); the GEMM layers stash what their weight gradients need
-            layers = deferrable_layers_of(self.model, self.chunk_parameters(chunk))
-            gemm = {id(m.weight) for m in layers}
-            others = [p for p in self.chunk_parameters(chunk) if id(p) not in gemm]
+            layers, others = self._deferral_split(chunk)
             stash = WeightGradStash()
             got = yield from tape.backward(grads, others, weights=False, defer=lambda: deferring(layers, stash))
             self._accumulate(chunk, others, got.params, count=False)
@@ -480,6 +479,16 @@ class DeepseekStage(StageBase):
 
     def backward_input(self, chunk: int, mb: int, grad_y: torch.Tensor) -> torch.Tensor | None:
         return drive(self.backward_steps(chunk, mb, grad_y, weights=False))
+
+    def _deferral_split(self, chunk: int) -> tuple[list[nn.Module], list[nn.Parameter]]:
+        """The chunk's GEMM layers (weight gradients deferred to W) and its other parameters
+        (gradients in B); found once per chunk, the parameters being fixed after construction."""
+        if chunk not in self._split_cache:
+            params = self.chunk_parameters(chunk)
+            layers = deferrable_layers_of(self.model, params)
+            gemm = {id(m.weight) for m in layers}
+            self._split_cache[chunk] = (layers, [p for p in params if id(p) not in gemm])
+        return self._split_cache[chunk]
 
     def backward_weight(self, chunk: int, mb: int) -> None:
         """W: the GEMM weight gradients B stashed, one GEMM per layer use (no graph walk)."""
