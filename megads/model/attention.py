@@ -9,7 +9,14 @@
 Only c_kv and k_rope would need caching at inference. Training runs causal attention through
 `scaled_dot_product_attention`. The rope rotation is half-split (see rope.py).
 
-Shapes: B batch, T sequence, D hidden, H heads, C kv_lora_rank, R rope dim, P nope dim, V v dim.
+When the rows are a piece of their sequence (`rope.shard`, context parallel), the keys and
+values of the other pieces come from their *latent*: the shard gathers [c_kv ; RoPE(k_rope)]
+(kv_lora_rank + qk_rope_head_dim values a token, 576 for DeepSeek-V3, instead of the
+H * (P + R + V) = 40,960 of per-head keys and values), every row then up-projects the keys it
+needs itself, and the mask is causal in global positions. The math is the same attention.
+
+Shapes: B batch, T sequence (this shard's rows), S key positions (T, or the whole sequence under a
+shard), D hidden, H heads, C kv_lora_rank, R rope dim, P nope dim, V v dim, X latent (C + R).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from torch import nn
 from megads.model.config import ModelConfig
 from megads.model.linear import LinearFactory
 from megads.model.norm import RMSNorm
-from megads.model.rope import apply_rope
+from megads.model.rope import RopeCache, apply_rope
 
 
 class MLA(nn.Module):
@@ -48,9 +55,9 @@ class MLA(nn.Module):
         self.kv_b_proj = factory.linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = factory.linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
-    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, rope: RopeCache) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        cos_TR, sin_TR = rope
+        cos_TR, sin_TR, shard = rope.cos_TR, rope.sin_TR, rope.shard
         if self.q_lora_rank is None:
             q = self.q_proj(x_BTD)
         else:
@@ -60,26 +67,33 @@ class MLA(nn.Module):
 
         kv = self.kv_a_proj_with_mqa(x_BTD)
         c_kv_BTC, k_rope_BTR = kv.split([self.kv_rank, self.rope_dim], dim=-1)
-        kv_BTHX = self.kv_b_proj(self.kv_a_layernorm(c_kv_BTC)).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
-        k_nope_BTHP, v_BTHV = kv_BTHX.split([self.nope_dim, self.v_dim], dim=-1)
-
         q_rope_BTHR = apply_rope(q_rope_BTHR, cos_TR, sin_TR)
         k_rope_BT1R = apply_rope(k_rope_BTR.unsqueeze(2), cos_TR, sin_TR)
+        S, mask_TS = T, None  # keys: the rows themselves, causal
+        if shard is not None:
+            # the other pieces' keys from their latents: [c_kv ; RoPE(k_rope)] of all S positions
+            latent_BSX = shard.gather(torch.cat([c_kv_BTC, k_rope_BT1R.squeeze(2)], dim=-1))
+            c_kv_BTC, k_rope_BSR = latent_BSX.split([self.kv_rank, self.rope_dim], dim=-1)  # now [B, S, *]
+            k_rope_BT1R = k_rope_BSR.unsqueeze(2)
+            S, mask_TS = latent_BSX.shape[1], shard.causal_mask(device=x_BTD.device)
+        kv_BSHX = self.kv_b_proj(self.kv_a_layernorm(c_kv_BTC)).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope_BSHP, v_BSHV = kv_BSHX.split([self.nope_dim, self.v_dim], dim=-1)
 
         q_BTHQ = torch.cat([q_nope_BTHP, q_rope_BTHR], dim=-1)
-        k_BTHQ = torch.cat([k_nope_BTHP, k_rope_BT1R.expand(B, T, self.n_heads, self.rope_dim)], dim=-1)
+        k_BSHQ = torch.cat([k_nope_BSHP, k_rope_BT1R.expand(B, S, self.n_heads, self.rope_dim)], dim=-1)
         # Flash kernels (CPU and CUDA) need one head dim for q, k and v; with v_head_dim <
         # qk_head_dim SDPA would fall back to the math path, which materialises the [T, T]
         # scores. Zero columns appended to v leave the first v_dim output columns unchanged.
         qk_dim = self.nope_dim + self.rope_dim
         if self.v_dim < qk_dim:
-            v_BTHV = F.pad(v_BTHV, (0, qk_dim - self.v_dim))
+            v_BSHV = F.pad(v_BSHV, (0, qk_dim - self.v_dim))
         # SDPA wants [B, H, T, *]
         out_BHTV = F.scaled_dot_product_attention(
             q_BTHQ.transpose(1, 2),
-            k_BTHQ.transpose(1, 2),
-            v_BTHV.transpose(1, 2),
-            is_causal=True,
+            k_BSHQ.transpose(1, 2),
+            v_BSHV.transpose(1, 2),
+            attn_mask=mask_TS,
+            is_causal=mask_TS is None,
             scale=self.softmax_scale,
         )[..., : self.v_dim]
         out_BTX = out_BHTV.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)

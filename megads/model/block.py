@@ -21,8 +21,9 @@ from megads.model.linear import LinearFactory
 from megads.model.mlp import MLP
 from megads.model.moe import MoE
 from megads.model.norm import RMSNorm
+from megads.model.rope import RopeCache
 
-RopeCache = tuple[torch.Tensor, torch.Tensor]
+__all__ = ["RopeCache", "TransformerBlock"]
 
 
 class TransformerBlock(nn.Module):

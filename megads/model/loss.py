@@ -35,11 +35,23 @@ def _summed_cross_entropy(head: Callable[[torch.Tensor], torch.Tensor], h_ND: to
 
 
 def head_cross_entropy(
-    head: Callable[[torch.Tensor], torch.Tensor], h_BTD: torch.Tensor, labels_BT: torch.Tensor, *, chunk_tokens: int = 0
+    head: Callable[[torch.Tensor], torch.Tensor], h_BTD: torch.Tensor, labels_BT: torch.Tensor, *, chunk_tokens: int = 0,
+    denominator: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """mean CE of `head(h_BTD)` against `labels_BT`; `chunk_tokens` > 0: in chunks of that many
-    tokens, each recomputed in the backward (see the module docstring); 0: the whole at once."""
+    tokens, each recomputed in the backward (see the module docstring); 0: the whole at once.
+    `denominator`: the summed CE divided by this count instead (a piece of a sequence whose
+    label count is the whole sequence's: context parallel)."""
     N = labels_BT.numel()
+    if denominator is not None:
+        h_ND, labels_N = h_BTD.reshape(N, h_BTD.shape[-1]), labels_BT.reshape(N)
+        step = N if chunk_tokens <= 0 else chunk_tokens
+        total = h_ND.new_zeros((), dtype=torch.float32)
+        for lo in range(0, N, step):
+            piece = (h_ND[lo : lo + step], labels_N[lo : lo + step])
+            total = total + (_summed_cross_entropy(head, *piece) if step >= N else
+                             checkpoint(_summed_cross_entropy, head, *piece, use_reentrant=False))
+        return total / denominator
     if chunk_tokens <= 0 or N <= chunk_tokens:
         return cross_entropy(head(h_BTD), labels_BT)
     h_ND = h_BTD.reshape(N, h_BTD.shape[-1])

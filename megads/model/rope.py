@@ -17,6 +17,7 @@ Shapes: T sequence, R rope dim (qk_rope_head_dim).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -54,6 +55,33 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, float(amplitude)
 
 
+class SequenceShard(Protocol):
+    """The rows of a sequence this process holds, when the other rows live elsewhere (context
+    parallel, `megads.parallel.context_parallel`). Attention needs only two things from it."""
+
+    def gather(self, rows_BTX: torch.Tensor) -> torch.Tensor:
+        """Every holder's rows of a per-token tensor, [B, S, X] in position order (S = whole
+        sequence); differentiable (the gradient of the rows comes back to their holder)."""
+        ...
+
+    def causal_mask(self, *, device: torch.device) -> torch.Tensor:
+        """[T, S] bool: True where this shard's row t may attend position s (s <= its position)."""
+        ...
+
+
+class RopeCache(NamedTuple):
+    """cos/sin of the rows a block sees, and where those rows sit in their sequence.
+
+    `shard` None: the rows are the whole sequence, positions 0..T-1 (single device, pipeline,
+    expert parallel). Otherwise they are a piece of it (context parallel) and the attention
+    gathers the other pieces' keys through it.
+    """
+
+    cos_TR: torch.Tensor
+    sin_TR: torch.Tensor
+    shard: SequenceShard | None = None
+
+
 class RotaryEmbedding(nn.Module):
     """Produces (cos_TR, sin_TR) for positions 0..T-1 (or given positions)."""
 
@@ -63,10 +91,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.amplitude = amplitude
 
-    def forward(self, positions_T: torch.Tensor, *, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions_T: torch.Tensor, *, dtype: torch.dtype, shard: SequenceShard | None = None
+    ) -> RopeCache:
         freqs_TR2 = positions_T.float()[:, None] * self.inv_freq.to(positions_T.device)[None, :]
         emb_TR = torch.cat((freqs_TR2, freqs_TR2), dim=-1)
-        return (emb_TR.cos() * self.amplitude).to(dtype), (emb_TR.sin() * self.amplitude).to(dtype)
+        return RopeCache((emb_TR.cos() * self.amplitude).to(dtype), (emb_TR.sin() * self.amplitude).to(dtype), shard)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,19 @@ update (`balance.update_expert_bias`) and (b) computes the complementary sequenc
 balance loss L = alpha * sum_i f_i P_i with f_i = E/(K*T) * count_i(sequence) and
 P_i = mean_t s_i / sum_j s_j.
 
+When a sequence is split over ranks (context parallel), `sequence_sum` is set from outside to a
+sum over the holders of each sequence (megads.parallel.context_parallel): the counts and the
+length are summed (no gradient), f_i is then the sequence's, and this rank's share of the loss
+is alpha * sum_i f_i * (sum over its rows of s_i / sum_j s_j) / T; the holders' shares add up to
+the sequence's loss, which is linear in the rows' scores once f is fixed.
+
 Shapes: B batch, T sequence (per sample), N = B*T tokens, D hidden, E routed experts, K top-k,
 G groups.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +59,8 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         # Tokens routed to each expert since the last bias update (this rank's share).
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
+        # context parallel: sums a [B, X] tensor in place over the holders of each sequence
+        self.sequence_sum: Callable[[torch.Tensor], None] | None = None
 
     def forward(self, x_ND: torch.Tensor, *, seq_len: int) -> Routing:
         """Route N tokens laid out as consecutive sequences of `seq_len` tokens."""
@@ -87,6 +96,13 @@ class Router(nn.Module):
         with torch.no_grad():
             counts_BE = torch.zeros(B, E, device=scores_NE.device)
             counts_BE.scatter_add_(1, topk_idx_NK.view(B, T * self.top_k), torch.ones(B, T * self.top_k, device=scores_NE.device))
-            f_BE = counts_BE * (E / (self.top_k * T))
-        p_BE = (scores_NE / scores_NE.sum(-1, keepdim=True)).view(B, T, E).mean(1)
+            if self.sequence_sum is not None:  # a piece of each sequence: the whole one's counts and length
+                stats_BX = torch.cat([counts_BE, counts_BE.new_full((B, 1), float(T))], dim=1)
+                self.sequence_sum(stats_BX)
+                counts_BE, T_seq = stats_BX[:, :E], float(stats_BX[0, E])
+                f_BE = counts_BE * (E / (self.top_k * T_seq))
+            else:
+                f_BE = counts_BE * (E / (self.top_k * T))
+        share_BTE = (scores_NE / scores_NE.sum(-1, keepdim=True)).view(B, T, E)
+        p_BE = share_BTE.mean(1) if self.sequence_sum is None else share_BTE.sum(1) / T_seq
         return self.alpha * (f_BE * p_BE).sum(-1).mean()

@@ -118,9 +118,10 @@ class DeepseekV3(nn.Module):
     ) -> tuple[torch.Tensor, RopeCache]:
         """Input of depth k's block, [B, T-k, D], and the rope of its T-k positions."""
         assert self.embed_tokens is not None
+        assert rope.shard is None, "a sequence split over ranks takes megads.parallel.context_parallel's MTP input"
         T = input_ids_BT.shape[1]
         emb_BTD = self.embed_tokens(input_ids_BT[:, depth:])
-        rope_k = (rope[0][: T - depth], rope[1][: T - depth])
+        rope_k = RopeCache(rope.cos_TR[: T - depth], rope.sin_TR[: T - depth])
         return module.project(h_BTD[:, : T - depth], emb_BTD), rope_k
 
     def mtp_head(self, module: MTPModule, h_BTD: torch.Tensor) -> torch.Tensor:

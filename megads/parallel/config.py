@@ -29,6 +29,9 @@ def pieces_per_rank(schedule: str) -> int:
 class ParallelConfig:
     pp: int = 1  # pipeline-parallel stages
     ep: int = 1  # expert-parallel degree (routed experts sharded over ep ranks)
+    # context parallel: each sequence split over cp ranks of a stage (zig-zag chunks; MLA exchanges
+    # its compressed latent, megads.parallel.context_parallel); a stage may raise it for long sequences
+    cp: int = 1
     schedule: str = "1f1b"  # pipeline schedule
     micro_batch_size: int = 1  # sequences per micro-batch on one rank
     stage_layers: list[int] | None = None  # explicit transformer layers per pipeline stage
@@ -64,11 +67,12 @@ class ParallelConfig:
             world_size=world_size, pp=self.pp, ep=self.ep, num_layers=model.num_hidden_layers,
             n_routed_experts=model.n_routed_experts, stage_layers=self.stage_layers,
             pieces_per_rank=self.pieces_per_rank(), ranks_per_node=self.ranks_per_node or ranks_per_node,
-            n_group=model.n_group, topk_group=model.topk_group, node_limit=self.node_limit,
+            n_group=model.n_group, topk_group=model.topk_group, node_limit=self.node_limit, cp=self.cp,
         )
 
     def data_parallel_size(self, *, world_size: int) -> int:
-        return world_size // self.pp
+        """Replicas reading different sequences: world / (pp * cp)."""
+        return world_size // (self.pp * self.cp)
 
     def validate(self, *, world_size: int, model: Any = None) -> None:
         """Raise ValueError naming the clashing numbers; with `model` (a ModelConfig) also the layout.
@@ -78,12 +82,19 @@ class ParallelConfig:
         node-limited routing consistent with the node layout).
         """
         errors: list[str] = []
-        if self.pp < 1 or self.ep < 1:
-            errors.append(f"parallel.pp={self.pp} and parallel.ep={self.ep} must be >= 1")
+        if self.pp < 1 or self.ep < 1 or self.cp < 1:
+            errors.append(f"parallel.pp={self.pp}, parallel.ep={self.ep} and parallel.cp={self.cp} must be >= 1")
         elif world_size % self.pp:
             fits = [d for d in range(1, world_size + 1) if world_size % d == 0]
             errors.append(
                 f"world size {world_size} is not divisible by parallel.pp={self.pp}; pick pp among {fits}"
+            )
+        elif world_size % (self.pp * self.cp):
+            per_stage = world_size // self.pp
+            fits = [d for d in range(1, per_stage + 1) if per_stage % d == 0]
+            errors.append(
+                f"parallel.cp={self.cp} does not divide the {per_stage} ranks of a stage (world {world_size} / "
+                f"pp {self.pp}); pick cp among {fits}"
             )
         if self.micro_batch_size < 1:
             errors.append(f"parallel.micro_batch_size={self.micro_batch_size} must be >= 1")

@@ -7,9 +7,11 @@ Parallelism is applied to the single-device model in one fixed order:
     4. shard_experts (ep: the all-to-all dispatchers)          5. DeepseekStage (overlap_fb chooses the segmented F&B) + PipelineRuntime
     6. Zero1AdamW (dp / edp / embed groups)
 
-A step on the global batch [G, T]: data-parallel rank d takes rows [d*G/dp, (d+1)*G/dp) and
-cuts them into M = G/(dp*micro_batch_size) micro-batches; every pipeline rank of the replica
-gets the same list (the first stage reads the tokens, the last the labels and MTP tokens). The
+A step on the global batch [G, T]: data-parallel replica d of R = dp/cp takes rows
+[d*G/R, (d+1)*G/R) and cuts them into M = G/(R*micro_batch_size) micro-batches; every pipeline
+rank of the replica gets the same list (the first stage reads the tokens, the last the labels
+and MTP tokens), and so does every cp rank, which runs its rows of each sequence
+(megads.parallel.context_parallel: 4b. the routers' sequence sums over the cp group). The
 runtime runs the schedule; ZeRO-1 reduces, clips over every group, updates and all-gathers; the
 expert-load counts of every router are summed over the world (each layer lives on one stage, so
 the world sum is the dp sum of that stage) and drive the auxiliary-loss-free bias update, the
@@ -34,6 +36,7 @@ from megads.model.config import ModelConfig
 from megads.model.linear import LinearFactory
 from megads.model.recompute import apply_recompute
 from megads.model.router import Router
+from megads.parallel.context_parallel import ContextParallel, apply_context_parallel
 from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules, shard_experts
 from megads.parallel.mesh import LayoutPlan, ParallelMesh
 from megads.parallel.stages import DeepseekStage, build_stage_model, embedding_ranks, piece_specs, rank_pieces
@@ -165,6 +168,10 @@ class ParallelExecutor:
                                        ep_size=mesh.ep, ep_rank=mesh.ep_rank, init=init, factory=linear_factory)
         self.model.loss_chunk_tokens = loss_chunk_tokens
         apply_recompute(self.model, recompute)
+        self.context = (ContextParallel(group=mesh.cp_group, size=mesh.cp, rank=mesh.cp_rank)
+                        if mesh.cp > 1 else None)
+        if self.context is not None:
+            apply_context_parallel(self.model, self.context)
         self.expert_names = expert_names = set(
             shard_experts(self.model, group=mesh.ep_group, ep_size=mesh.ep, ep_rank=mesh.ep_rank,
                           ranks_per_node=plan.ranks_per_node,
@@ -209,8 +216,10 @@ class ParallelExecutor:
             sched = build_schedule(self.schedule_name, pp=self.plan.pp, num_microbatches=num_microbatches)
             stage = self.stage_cls(
                 self.model, layout=sched.layout, rank=self.mesh.pp_rank, specs=self.specs, pp_group=self.mesh.pp_group,
-                mtp_weight=mtp_weight, grad_scale=1.0 / self.mesh.dp, device=self.device,
-                autocast_dtype=self.autocast_dtype, overlap=self.overlap_fb,
+                # the gradient sum over the dp group: a sum over the cp ranks of a sequence (their
+                # losses add up to its loss), a mean over the dp/cp replicas
+                mtp_weight=mtp_weight, grad_scale=1.0 / self.mesh.data_parallel, device=self.device,
+                autocast_dtype=self.autocast_dtype, overlap=self.overlap_fb, context=self.context,
             )
             counts: dict[int, int] = {}
             for c in sched.layout.chunks_on(self.mesh.pp_rank):
@@ -228,14 +237,14 @@ class ParallelExecutor:
     # ------------------------------------------------------------------ step
     def split_batch(self, input_ids_GT: torch.Tensor, labels_GT: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         G = input_ids_GT.shape[0]
-        dp, mbs = self.mesh.dp, self.micro_batch_size
+        dp, mbs = self.mesh.data_parallel, self.micro_batch_size  # the cp ranks of a replica share its rows
         if G % (dp * mbs):
             raise ValueError(
-                f"global batch of {G} sequences is not divisible by dp={dp} x parallel.micro_batch_size={mbs}; "
+                f"global batch of {G} sequences is not divisible by dp/cp={dp} x parallel.micro_batch_size={mbs}; "
                 f"use a multiple of {dp * mbs}"
             )
         per = G // dp
-        lo = self.mesh.dp_rank * per
+        lo = self.mesh.data_rank * per
         ids, labels = input_ids_GT[lo : lo + per], labels_GT[lo : lo + per]
         return [(ids[i : i + mbs], labels[i : i + mbs]) for i in range(0, per, mbs)]
 
@@ -263,6 +272,8 @@ class ParallelExecutor:
         rt, stage = self._runtime(len(mbs), mtp_weight=mtp_weight)
         for d in self._dispatchers():
             d.reset_volume()
+        if self.context is not None:
+            self.context.reset_volume()
         rt.record_timeline = self.record_next_step
         self.last_step_result = rt.step(mbs)
         if lr is not None:
@@ -273,7 +284,7 @@ class ParallelExecutor:
         res = self.last_step_result
         # world sums, in the one reduction of the step: tokens, dispatch bytes, exposed all-to-all
         # seconds, nodes reached and tokens dispatched (node-limited routing), busy and wall seconds
-        extra = [float(tokens) if self.mesh.is_first_stage else 0.0, float(sum(d.sent_bytes for d in ds)),
+        extra = [float(tokens) if self.mesh.is_first_stage and self.mesh.cp_rank == 0 else 0.0, float(sum(d.sent_bytes for d in ds)),
                  sum(d.wait_s for d in ds), float(sum(d.nodes_reached_sum for d in ds)),
                  float(sum(d.tokens_dispatched for d in ds)), res.busy_s, res.wall_s]
         stats = torch.cat([stage.stats, torch.tensor(extra, dtype=torch.float64)]).to(self.device)
@@ -285,7 +296,7 @@ class ParallelExecutor:
             most = torch.tensor([max_nodes], dtype=torch.float64, device=self.device)
             dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.mesh.world_group)
             max_nodes = int(most.item())
-        denom = len(mbs) * self.mesh.dp
+        denom = len(mbs) * self.mesh.data_parallel  # (the cp ranks' parts add up to a micro-batch's loss)
         lm, mtp, bal = (stats[:3] / denom).tolist()
         total = lm + bal + (mtp_weight * mtp if mtp_weight > 0 and self.cfg.num_nextn_predict_layers > 0 else 0.0)
         # a non-finite global loss or gradient norm skips the update on every rank alike (both
@@ -304,6 +315,8 @@ class ParallelExecutor:
             extras={"a2a_rows_sent": sum(d.sent_rows for d in ds),
                     "a2a_remote_rows_sent": sum(d.sent_remote_rows for d in ds),
                     "a2a_bytes": a2a_bytes,  # dispatch bytes sent by all ranks in the step
+                    # latent (and latent-gradient) bytes this rank sent in the cp exchanges of the step
+                    "cp_bytes": self.context.sent_bytes if self.context is not None else 0,
                     "a2a_wait_s": a2a_wait / self.mesh.world_size,  # mean per rank: the part not hidden
                     "nodes_per_token_mean": nodes_sum / dispatched if dispatched else 0.0,
                     "max_nodes_per_token": max_nodes,

@@ -3,15 +3,21 @@
 Rank order (outermost first): pipeline stage, expert-data-parallel index, expert-parallel index.
 
     rank = pp_rank * dp + dp_rank,    dp_rank = edp_rank * ep + ep_rank
+                                      dp_rank = data_rank * cp + cp_rank   (context parallel)
 
 so the ranks of one expert-parallel group are consecutive (inside a node whenever ep fits in a
 node, across the fewest nodes otherwise) and the pipeline is the outermost dimension, as in
-Megatron-Core's default order. Groups:
+Megatron-Core's default order. Context parallel (cp) splits each sequence over cp consecutive
+ranks of a stage: they hold the same parameters, so they are part of the dp group (Megatron's
+"dp x cp" gradient group), and `data_parallel = dp / cp` replicas read different sequences.
+Experts see the cp ranks' tokens as more tokens: ep groups are formed over the dp ranks exactly
+as without cp (docs/parallel.md, "Context parallel"). Groups:
 
     pp    the pp ranks of one data-parallel replica (same dp_rank), point-to-point exchange
     dp    the dp ranks of one stage: dense parameters are replicated (ZeRO-1 shards over it)
     ep    ep consecutive ranks of one stage: the routed experts of a layer are sharded over it
     edp   the dp/ep ranks of one stage holding the same experts (ZeRO-1 shards expert state)
+    cp    cp consecutive ranks of one stage: the pieces of one sequence (MLA latent exchange)
     embed first and last stage of one dp_rank: the MTP module's copy of the embedding (pp > 1)
 
 `plan_layout` checks the numbers alone, before any process group exists, and every error names
@@ -39,13 +45,19 @@ class LayoutPlan:
 
     world_size: int
     pp: int
-    dp: int
+    dp: int  # ranks of one stage sharing the dense parameters (the cp ranks included)
     ep: int
     edp: int
     stage_layers: tuple[int, ...]  # transformer layers of each pipeline piece, in model order
     ranks_per_node: int
     nodes_per_ep_group: int
     max_nodes_per_token: int  # upper bound on nodes one token's experts can span (node-limited routing)
+    cp: int = 1  # context parallel: ranks one sequence is split over (a factor of dp)
+
+    @property
+    def data_parallel(self) -> int:
+        """Replicas reading different sequences: dp / cp."""
+        return self.dp // self.cp
 
 
 def partition_layers(num_layers: int, *, pieces: int) -> list[int]:
@@ -75,6 +87,7 @@ def plan_layout(
     n_group: int = 1,
     topk_group: int = 1,
     node_limit: int | None = None,
+    cp: int = 1,
 ) -> LayoutPlan:
     """Validate a (world, pp, ep) layout from numbers alone; raise ValueError naming what clashes.
 
@@ -95,6 +108,13 @@ def plan_layout(
             f"(or use a world size that is a multiple of {pp})"
         )
     dp = world_size // pp
+    if cp < 1:
+        raise ValueError(f"parallel.cp={cp} must be >= 1")
+    if dp % cp:
+        raise ValueError(
+            f"parallel.cp={cp} does not divide the ranks of one stage, world {world_size} / pp {pp} = {dp}; "
+            f"pick cp among {_divisors(dp)}, or a world size that is a multiple of pp*cp = {pp * cp}"
+        )
     if dp % ep:
         fits = _divisors(dp)
         errors.append(
@@ -158,7 +178,8 @@ def plan_layout(
                 )
     if errors:
         raise ValueError(
-            f"invalid parallel layout (world={world_size}, pp={pp}, ep={ep}, dp={dp}):\n  - " + "\n  - ".join(errors)
+            f"invalid parallel layout (world={world_size}, pp={pp}, ep={ep}, cp={cp}, dp={dp}):\n  - "
+            + "\n  - ".join(errors)
         )
     return LayoutPlan(
         world_size=world_size,
@@ -170,6 +191,7 @@ def plan_layout(
         ranks_per_node=rpn,
         nodes_per_ep_group=nodes,
         max_nodes_per_token=max_nodes,
+        cp=cp,
     )
 
 
@@ -198,20 +220,34 @@ class ParallelMesh:
     dp_rank: int
     ep_rank: int
     edp_rank: int
+    cp: int = 1
+    cp_rank: int = 0
     pp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
     ep_group: dist.ProcessGroup | None = None
     edp_group: dist.ProcessGroup | None = None
     embed_group: dist.ProcessGroup | None = None  # None when pp == 1 (one stage holds both uses)
+    cp_group: dist.ProcessGroup | None = None  # None when cp == 1
     world_group: dist.ProcessGroup | None = None
     pp_ranks: list[int] = field(default_factory=list)  # global ranks of this rank's pipeline group
     dp_ranks: list[int] = field(default_factory=list)
     ep_ranks: list[int] = field(default_factory=list)
     edp_ranks: list[int] = field(default_factory=list)
+    cp_ranks: list[int] = field(default_factory=list)
 
     @property
     def edp(self) -> int:
         return self.dp // self.ep
+
+    @property
+    def data_parallel(self) -> int:
+        """Replicas reading different sequences (dp / cp)."""
+        return self.dp // self.cp
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's replica among `data_parallel` (the cp ranks of a sequence share it)."""
+        return self.dp_rank // self.cp
 
     @property
     def is_first_stage(self) -> bool:
@@ -246,10 +282,11 @@ class ParallelMesh:
         rank = dist.get_rank() if rank is None else rank
         pp, dp, ep = plan.pp, plan.dp, plan.ep
         pp_rank, dp_rank, ep_rank, edp_rank = cls.coords(rank, pp=pp, dp=dp, ep=ep)
+        cp = plan.cp
         mesh = cls(
             rank=rank, world_size=world, pp=pp, dp=dp, ep=ep,
             pp_rank=pp_rank, dp_rank=dp_rank, ep_rank=ep_rank, edp_rank=edp_rank,
-            world_group=dist.group.WORLD,
+            cp=cp, cp_rank=dp_rank % cp, world_group=dist.group.WORLD,
         )
         g = lambda s, d: cls.global_rank(pp_rank=s, dp_rank=d, dp=dp)
         # Every rank creates every group (new_group is collective over the world), keeps its own.
@@ -273,6 +310,12 @@ class ParallelMesh:
                 grp = dist.new_group(ranks, **kw)
                 if s == pp_rank and i == ep_rank:
                     mesh.edp_group, mesh.edp_ranks = grp, ranks
+            if cp > 1:
+                for c0 in range(0, dp, cp):
+                    ranks = [g(s, c0 + i) for i in range(cp)]
+                    grp = dist.new_group(ranks, **kw)
+                    if s == pp_rank and c0 == dp_rank - dp_rank % cp:
+                        mesh.cp_group, mesh.cp_ranks = grp, ranks
         if pp > 1:
             for d in range(dp):
                 grp = dist.new_group([g(0, d), g(pp - 1, d)], **kw)
@@ -289,9 +332,13 @@ class ParallelMesh:
             raise ValueError(f"rank {rank} is outside the layout's world of {plan.world_size} ranks")
         pp_rank, dp_rank, ep_rank, edp_rank = cls.coords(rank, pp=pp, dp=dp, ep=ep)
         g = lambda s, d: cls.global_rank(pp_rank=s, dp_rank=d, dp=dp)
+        cp = plan.cp
+        c0 = dp_rank - dp_rank % cp
         mesh = cls(
             rank=rank, world_size=plan.world_size, pp=pp, dp=dp, ep=ep,
-            pp_rank=pp_rank, dp_rank=dp_rank, ep_rank=ep_rank, edp_rank=edp_rank,
+            pp_rank=pp_rank, dp_rank=dp_rank, ep_rank=ep_rank, edp_rank=edp_rank, cp=cp, cp_rank=dp_rank % cp,
+            cp_group=LocalGroup(cp, dp_rank % cp) if cp > 1 else None,  # type: ignore[arg-type]
+            cp_ranks=[g(pp_rank, c0 + i) for i in range(cp)],
             pp_group=LocalGroup(pp, pp_rank), dp_group=LocalGroup(dp, dp_rank),  # type: ignore[arg-type]
             ep_group=LocalGroup(ep, ep_rank), edp_group=LocalGroup(dp // ep, edp_rank),  # type: ignore[arg-type]
             world_group=LocalGroup(plan.world_size, rank),  # type: ignore[arg-type]
@@ -304,12 +351,14 @@ class ParallelMesh:
         return mesh
 
     def describe_degrees(self) -> str:
-        return f"pp {self.pp}, dp {self.dp} (ep {self.ep}, edp {self.edp})"
+        cp = f", cp {self.cp}" if self.cp > 1 else ""
+        return f"pp {self.pp}, dp {self.dp} (ep {self.ep}, edp {self.edp}{cp})"
 
     def describe(self) -> str:
+        cp = f", cp {self.cp_rank}/{self.cp}" if self.cp > 1 else ""
         return (
             f"rank {self.rank}/{self.world_size}: pp {self.pp_rank}/{self.pp}, dp {self.dp_rank}/{self.dp} "
-            f"(ep {self.ep_rank}/{self.ep}, edp {self.edp_rank}/{self.edp})"
+            f"(ep {self.ep_rank}/{self.ep}, edp {self.edp_rank}/{self.edp}{cp})"
         )
 
 

@@ -59,6 +59,7 @@ from megads.model.moe import MoE
 from megads.model.rope import RotaryEmbedding
 from megads.model.router import Router
 from megads.model.transformer import DeepseekV3, draw_init_seed, total_loss
+from megads.parallel.context_parallel import ContextParallel, label_count
 from megads.parallel.expert_parallel import AllToAllDispatcher, keep_expert_shard
 from megads.parallel.overlap_stage import Reverse, Steps, Tape, drive
 from megads.pipeline.actions import Layout
@@ -189,9 +190,13 @@ class DeepseekStage(StageBase):
         device: torch.device | str = "cpu",
         autocast_dtype: torch.dtype | None = None,
         overlap: bool = False,
+        context: ContextParallel | None = None,
     ) -> None:
+        """`context`: this rank's context-parallel group (None: each rank holds whole sequences);
+        every cp rank gets the whole micro-batches and runs its rows of them."""
         self.model = model
         self.overlap = overlap
+        self.context = context
         self.pp_group = pp_group
         self.autocast_dtype = autocast_dtype
         # called with a chunk's parameters once their gradients are final for the step
@@ -262,7 +267,8 @@ class DeepseekStage(StageBase):
     def _meta(self, mb: int) -> TensorMeta:
         assert self._microbatches is not None
         ids = self._microbatches[mb][0]
-        return TensorMeta((ids.shape[0], ids.shape[1], self.model.cfg.hidden_size), self.dtype)
+        rows = ids.shape[1] // (self.context.size if self.context is not None else 1)  # this rank's rows
+        return TensorMeta((ids.shape[0], rows, self.model.cfg.hidden_size), self.dtype)
 
     def input_meta(self, chunk: int, mb: int) -> TensorMeta:
         return self._meta(mb)
@@ -322,10 +328,17 @@ class DeepseekStage(StageBase):
         ids_BT, labels_BT = self._microbatches[mb]
         ids_BT, labels_BT = ids_BT.to(self.device), labels_BT.to(self.device)
         T = ids_BT.shape[1]
-        rope = m.rope(T, device=self.device, dtype=self.dtype)
+        cp = self.context
+        if cp is None:
+            rope = m.rope(T, device=self.device, dtype=self.dtype)
+            rows_ids_BT, rows_labels_BT = ids_BT, labels_BT
+        else:  # this rank's rows of the sequences (megads.parallel.context_parallel)
+            rope = cp.rope(m, T, dtype=self.dtype, device=self.device)
+            pos_T = rope.shard.positions_T  # type: ignore[union-attr]
+            rows_ids_BT, rows_labels_BT = ids_BT[:, pos_T], labels_BT[:, pos_T]
         tape = Tape()
         if spec.first:
-            h_BTD = m.embed(ids_BT)
+            h_BTD = m.embed(rows_ids_BT)
         else:
             assert x is not None
             h_BTD = x.requires_grad_(True)
@@ -340,18 +353,29 @@ class DeepseekStage(StageBase):
             tape.finish([h_BTD] + ([c.balance] if c.balance.requires_grad else []))
             self._tapes[(chunk, mb)] = tape
             return h_BTD
-        # last piece: head and CE, then the MTP depths (their blocks cut like the main ones)
-        c.lm = head_cross_entropy(m.head, c.h_BTD, labels_BT, chunk_tokens=m.loss_chunk_tokens)
+        # last piece: head and CE, then the MTP depths (their blocks cut like the main ones); under
+        # cp each rank's CE is its rows' sum over the whole sequence's label count
+        c.lm = head_cross_entropy(m.head, c.h_BTD, rows_labels_BT, chunk_tokens=m.loss_chunk_tokens,
+                                  denominator=None if cp is None else label_count(labels_BT))
         use_mtp = self.mtp_weight > 0 and bool(m.mtp)
         if use_mtp:
             c.mtp_balance = c.h_BTD.new_zeros((), dtype=torch.float32)
             for k, module in m.mtp_depths(T):
-                x_BTD, rope_k = m.mtp_input(module, k, c.h_BTD, ids_BT, rope)
+                if cp is None:
+                    x_BTD, rope_k = m.mtp_input(module, k, c.h_BTD, ids_BT, rope)
+                    labels_k_BT, denominator = labels_BT[:, k:], None
+                else:  # rows i < T-k: embedding of token i+k, label of i+k+1, keys over the T-k positions
+                    keep_T = rope.shard.positions_T < T - k  # type: ignore[union-attr]
+                    rope_k = cp.rope(m, T, limit=T - k, dtype=self.dtype, device=self.device)
+                    pos_T = rope_k.shard.positions_T  # type: ignore[union-attr]
+                    x_BTD = module.project(c.h_BTD[:, keep_T], m.embed(ids_BT[:, pos_T + k]))
+                    labels_k_BT, denominator = labels_BT[:, pos_T + k], label_count(labels_BT[:, k:])
+                    rope = rope_k
                 c.h_BTD = x_BTD
                 c, b = yield from self._block_steps(tape, module.block, c, rope=rope_k)
                 c.mtp_balance = c.mtp_balance + b
-                c.mtp_ce.append(head_cross_entropy(partial(m.mtp_head, module), c.h_BTD, labels_BT[:, k:],
-                                                   chunk_tokens=m.loss_chunk_tokens))
+                c.mtp_ce.append(head_cross_entropy(partial(m.mtp_head, module), c.h_BTD, labels_k_BT,
+                                                   chunk_tokens=m.loss_chunk_tokens, denominator=denominator))
         balance = c.balance + c.mtp_balance if c.mtp_balance is not None else c.balance
         assert c.lm is not None
         loss = total_loss(lm=c.lm, mtp_ce=c.mtp_ce, balance=balance, mtp_weight=self.mtp_weight)

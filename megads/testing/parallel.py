@@ -65,10 +65,14 @@ class LayoutSpec:
     zero1: bool = True
     ranks_per_node: int | None = None
     via_run: bool = False  # drive the executor through ParallelExecutor.run (the trainer's call)
+    cp: int = 1  # context parallel
+    overlap_fb: bool = False  # DualPipe/DualPipeV: F&B chunks interleaved at the all-to-alls
 
     @property
     def tag(self) -> str:
-        return f"pp{self.pp}_ep{self.ep}_{self.schedule}{'' if self.zero1 else '_nozero'}"
+        cp = f"_cp{self.cp}" if self.cp > 1 else ""
+        ov = "_overlap" if self.overlap_fb else ""
+        return f"pp{self.pp}_ep{self.ep}{cp}_{self.schedule}{'' if self.zero1 else '_nozero'}{ov}"
 
 
 def valid_layouts(world: int, *, n_experts: int, num_layers: int) -> list[LayoutSpec]:
@@ -189,7 +193,7 @@ def plan_spec(cfg: ModelConfig, spec: LayoutSpec, *, world: int) -> LayoutPlan:
     return plan_layout(
         world_size=world, pp=spec.pp, ep=spec.ep, num_layers=cfg.num_hidden_layers,
         n_routed_experts=cfg.n_routed_experts, n_group=cfg.n_group, topk_group=cfg.topk_group,
-        ranks_per_node=spec.ranks_per_node, node_limit=4, pieces_per_rank=pieces_per_rank(spec.schedule),
+        ranks_per_node=spec.ranks_per_node, node_limit=4, pieces_per_rank=pieces_per_rank(spec.schedule), cp=spec.cp,
     )
 
 
@@ -210,7 +214,7 @@ def equivalence_worker(
         mesh = ParallelMesh.build(plan)
         ex = ParallelExecutor(
             cfg, mesh=mesh, plan=plan, schedule=spec.schedule, micro_batch_size=micro_batch_size,
-            seed=seed, optim=optim, zero1=spec.zero1,
+            seed=seed, optim=optim, zero1=spec.zero1, overlap_fb=spec.overlap_fb,
         )
         metrics = []
         t0 = time.perf_counter()

@@ -382,6 +382,13 @@ def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
             f"seq_len={cfg.seq_len} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}; "
             "lower seq_len or raise max_position_embeddings (or configure model.rope_scaling)"
         )
+    if cfg.parallel.cp > 1 and cfg.seq_len % (2 * cfg.parallel.cp):
+        cp = cfg.parallel.cp
+        errors.append(
+            f"seq_len={cfg.seq_len} with parallel.cp={cp}: context parallel cuts a sequence into 2*cp = {2 * cp} "
+            f"equal chunks (two per rank, load-balanced for causal attention); use a seq_len that is a multiple of "
+            f"{2 * cp} (e.g. {(cfg.seq_len // (2 * cp) + 1) * 2 * cp})"
+        )
     if s.warmup_steps < 0:
         errors.append(f"schedule.warmup_steps={s.warmup_steps} must be >= 0")
     if s.constant_tokens < 0 or s.decay_tokens < 0 or s.batch_ramp_tokens < 0:

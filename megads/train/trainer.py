@@ -505,7 +505,7 @@ def _train(
         pass
     executor = build_executor(cfg, env=env, device=device, autocast_dtype=autocast_dtype)
     model, optimizer, mesh = executor.model, executor.optimizer, executor.mesh
-    dp_rank, dp_size = mesh.dp_rank, mesh.dp
+    dp_rank, dp_size = mesh.data_rank, mesh.data_parallel  # data-parallel replicas (the cp ranks of one share it)
     if env.world_size > 1:
         log.info(executor.describe())  # every rank: what it holds
     mb = cfg.parallel.micro_batch_size

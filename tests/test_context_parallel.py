@@ -1,0 +1,130 @@
+"""Context parallel against one process: losses, gradient norms, updated parameters (gloo, fp32).
+
+The tiny model with YaRN (factor 4 over 16 original positions, sequences of 32), MTP and the
+sequence-wise balance loss on, three optimizer steps of 8 sequences in micro-batches of 2 with
+gradient clipping, weight decay and the expert-bias update. Each layout splits every sequence
+over cp ranks (zig-zag chunks, the MLA latent all-gathered); the single-process run of the same
+global batch is the reference, within 1e-6 relative. The cp=1 run of the same ranks gives the
+reduced gradients the cp runs must match (`assert_same_steps`, 1e-6 of each space's scale).
+
+Adam's eps is 1e-6 here (1e-8 in training): Adam's first update moves every element by about
+lr * sign(g), so an element whose gradient is zero up to float rounding moves by +-lr depending
+on the order of a sum (layer 0's kv_a_proj has one such element for this batch: a 2.9e-6
+relative parameter difference after one step at eps = 1e-8, with losses equal to 4e-8). With
+eps = 1e-6 the update is continuous in gradients below 1e-6 and rounding stays rounding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from megads.model.config import RopeScalingConfig
+from megads.parallel.context_parallel import kv_values_per_token, latent_values_per_token, zigzag_positions
+from megads.parallel.executor import OptimSettings, ParallelExecutor
+from megads.parallel.mesh import ParallelMesh, plan_layout
+from megads.testing.parallel import (
+    LayoutSpec,
+    compare_with_reference,
+    equivalence_worker,
+    make_batches,
+    reference_run,
+    spawn,
+    tiny_config,
+)
+
+RTOL = 1e-6
+MBS = 2
+MTP_WEIGHT = 0.3
+SEED = 8
+SEQ = 32
+OPTIM = OptimSettings(lr=1e-4, eps=1e-6, weight_decay=0.1, max_grad_norm=0.2, bias_update_speed=1e-3, bucket_numel=3000)
+
+
+def yarn_config() -> Any:
+    rs = RopeScalingConfig(type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
+                           beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+    return tiny_config(max_position_embeddings=64, rope_scaling=rs)
+
+
+@pytest.fixture(scope="module")
+def setup() -> dict[str, Any]:
+    cfg = yarn_config()
+    batches = make_batches(cfg, steps=3, global_batch=8, seq_len=SEQ)
+    ref = reference_run(cfg, batches=batches, micro_batch_size=MBS, mtp_weight=MTP_WEIGHT, optim=OPTIM, seed=SEED)
+    assert len({round(loss, 6) for loss, _ in ref["losses"]}) == 3
+    assert any(norm > OPTIM.max_grad_norm for _, norm in ref["losses"])
+    return {"cfg": cfg, "batches": batches, "ref": ref}
+
+
+def _check(setup: dict[str, Any], world: int, layouts: list[LayoutSpec], tmp_path: Path) -> None:
+    spawn(world, equivalence_worker, setup["cfg"], layouts, setup["batches"], MBS, MTP_WEIGHT, OPTIM, SEED,
+          str(tmp_path))
+    problems: list[str] = []
+    for spec in layouts:
+        problems += compare_with_reference(setup["ref"], outdir=tmp_path, tag=spec.tag, world=world, rtol=RTOL)
+    assert not problems, "\n".join(problems[:20])
+
+
+def test_zigzag_split_covers_the_sequence_once_and_balances_causal_work() -> None:
+    for cp in (1, 2, 4):
+        parts = [zigzag_positions(32, cp=cp, rank=r) for r in range(cp)]
+        assert torch.equal(torch.sort(torch.cat(parts)).values, torch.arange(32))
+        work = {int((p + 1).sum()) for p in parts}  # keys each rank's queries attend under the causal mask
+        assert len(work) == 1, (cp, work)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        zigzag_positions(36, cp=4, rank=0)
+
+
+def test_layout_checks_cp_before_any_group() -> None:
+    plan = plan_layout(world_size=8, pp=2, ep=2, cp=2, num_layers=4, n_routed_experts=8)
+    assert (plan.dp, plan.cp, plan.data_parallel) == (4, 2, 2)
+    with pytest.raises(ValueError, match=r"parallel.cp=3 does not divide"):
+        plan_layout(world_size=8, pp=2, ep=1, cp=3, num_layers=4, n_routed_experts=8)
+    mesh = ParallelMesh.local(plan, rank=3)
+    assert (mesh.cp_rank, mesh.data_rank, mesh.ep_rank, mesh.cp_ranks) == (1, 1, 1, [2, 3])
+
+
+def test_latent_is_71x_smaller_than_keys_and_values_for_v3() -> None:
+    from megads.model.config import ModelConfig
+
+    cfg = ModelConfig()  # the 671B defaults
+    assert latent_values_per_token(cfg) == 576
+    assert kv_values_per_token(cfg) == 40_960
+    assert round(kv_values_per_token(cfg) / latent_values_per_token(cfg)) == 71
+
+
+def test_cp_alone_and_with_ep_and_pp_on_four_ranks(setup: dict[str, Any], tmp_path: Path) -> None:
+    layouts = [LayoutSpec(1, 1, cp=4), LayoutSpec(1, 2, cp=2), LayoutSpec(2, 1, cp=2, schedule="zb1p")]
+    _check(setup, 4, layouts, tmp_path)
+
+
+@pytest.mark.slow  # covered by the four-rank test (cp with ep, cp with pp and the B/W split)
+def test_cp_with_pp2_and_ep2_on_eight_ranks(setup: dict[str, Any], tmp_path: Path) -> None:
+    layouts = [LayoutSpec(2, 2, cp=2, schedule="dualpipev", overlap_fb=True), LayoutSpec(2, 1, cp=4),
+               LayoutSpec(1, 2, cp=4)]
+    _check(setup, 8, layouts, tmp_path)
+
+
+def _grads_worker(rank: int, world: int, cfg: Any, batches: Any, outdir: str) -> None:
+    from megads.testing.parallel import losses_and_reduced_grads, plan_spec
+
+    for spec in (LayoutSpec(1, 2), LayoutSpec(1, 2, cp=2)):
+        plan = plan_spec(cfg, spec, world=world)
+        ex = ParallelExecutor(cfg, mesh=ParallelMesh.build(plan), plan=plan, micro_batch_size=MBS, seed=SEED,
+                              optim=OPTIM)
+        got = losses_and_reduced_grads(ex, batches, mtp_weight=MTP_WEIGHT)
+        torch.save(got, Path(outdir) / f"{spec.tag}.rank{rank}.pt")
+
+
+def test_reduced_gradients_equal_those_without_cp(setup: dict[str, Any], tmp_path: Path) -> None:
+    from megads.testing.parallel import assert_same_steps
+
+    spawn(4, _grads_worker, setup["cfg"], setup["batches"][:2], str(tmp_path))
+    for r in range(4):
+        ref = torch.load(tmp_path / f"{LayoutSpec(1, 2).tag}.rank{r}.pt", weights_only=False)
+        got = torch.load(tmp_path / f"{LayoutSpec(1, 2, cp=2).tag}.rank{r}.pt", weights_only=False)
+        assert_same_steps(ref, got, rel=RTOL)
