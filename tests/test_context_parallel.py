@@ -50,14 +50,18 @@ def yarn_config() -> Any:
     return tiny_config(max_position_embeddings=64, rope_scaling=rs)
 
 
-@pytest.fixture(scope="module")
-def setup() -> dict[str, Any]:
+def _setup(global_batch: int) -> dict[str, Any]:
     cfg = yarn_config()
-    batches = make_batches(cfg, steps=3, global_batch=8, seq_len=SEQ)
+    batches = make_batches(cfg, steps=3, global_batch=global_batch, seq_len=SEQ)
     ref = reference_run(cfg, batches=batches, micro_batch_size=MBS, mtp_weight=MTP_WEIGHT, optim=OPTIM, seed=SEED)
     assert len({round(loss, 6) for loss, _ in ref["losses"]}) == 3
     assert any(norm > OPTIM.max_grad_norm for _, norm in ref["losses"])
     return {"cfg": cfg, "batches": batches, "ref": ref}
+
+
+@pytest.fixture(scope="module")
+def setup() -> dict[str, Any]:
+    return _setup(8)
 
 
 def _check(setup: dict[str, Any], world: int, layouts: list[LayoutSpec], tmp_path: Path) -> None:
@@ -100,13 +104,26 @@ def test_latent_is_71x_smaller_than_keys_and_values_for_v3() -> None:
 def test_cp_alone_and_with_ep_and_pp_on_four_ranks(setup: dict[str, Any], tmp_path: Path) -> None:
     layouts = [LayoutSpec(1, 1, cp=4), LayoutSpec(1, 2, cp=2), LayoutSpec(2, 1, cp=2, schedule="zb1p")]
     _check(setup, 4, layouts, tmp_path)
+    # the exchange volume: per micro-batch, every attention layer (4 main + 1 MTP) all-gathers this
+    # rank's 2 x 32/cp latent rows of 16 + 8 values to cp-1 peers and sends their gradients back
+    cfg = setup["cfg"]
+    X = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    for spec in layouts:
+        M = 8 // (MBS * (4 // (spec.pp * spec.cp)))  # micro-batches of a replica
+        layers = {1: 5, 2: None}[spec.pp]
+        for r in range(4):
+            res = torch.load(tmp_path / f"{spec.tag}.rank{r}.pt", weights_only=False)
+            if spec.pp == 2:  # piece 0: embedding + layers 0-1; piece 1: layers 2-3 + MTP
+                layers = 2 if r < 2 else 3
+            want = M * layers * 2 * (spec.cp - 1) * MBS * (SEQ // spec.cp) * X * 4
+            assert all(extras["cp_bytes"] == want for *_, extras in res["metrics"]), (spec.tag, r, want)
 
 
 @pytest.mark.slow  # covered by the four-rank test (cp with ep, cp with pp and the B/W split)
-def test_cp_with_pp2_and_ep2_on_eight_ranks(setup: dict[str, Any], tmp_path: Path) -> None:
+def test_cp_with_pp2_and_ep2_on_eight_ranks(tmp_path: Path) -> None:
     layouts = [LayoutSpec(2, 2, cp=2, schedule="dualpipev", overlap_fb=True), LayoutSpec(2, 1, cp=4),
                LayoutSpec(1, 2, cp=4)]
-    _check(setup, 8, layouts, tmp_path)
+    _check(_setup(16), 8, layouts, tmp_path)
 
 
 def _grads_worker(rank: int, world: int, cfg: Any, batches: Any, outdir: str) -> None:
@@ -128,3 +145,60 @@ def test_reduced_gradients_equal_those_without_cp(setup: dict[str, Any], tmp_pat
         ref = torch.load(tmp_path / f"{LayoutSpec(1, 2).tag}.rank{r}.pt", weights_only=False)
         got = torch.load(tmp_path / f"{LayoutSpec(1, 2, cp=2).tag}.rank{r}.pt", weights_only=False)
         assert_same_steps(ref, got, rel=RTOL)
+
+
+CP_STAGES_YAML = """
+list:
+  - name: short
+    overrides: []
+  - name: long_cp2
+    carry_optimizer: true
+    overrides:
+      - seq_len=64
+      - parallel.cp=2
+      - model.rope_scaling={type:yarn,factor:2.0,original_max_position_embeddings:32,beta_fast:32.0,beta_slow:1.0,mscale:1.0,mscale_all_dim:1.0}
+      - schedule.warmup_steps=0
+      - schedule.train_steps=3
+start: null
+stop: null
+"""
+
+
+def test_staged_run_with_cp2_in_its_last_stage(tmp_path: Path) -> None:
+    """Two ranks through the CLI: stage 1 data parallel at 32 tokens, stage 2 at 64 tokens with
+    YaRN split over cp = 2 (megads-train starts the ranks). The cp stage's losses equal those of
+    the same stage run alone without cp (dp = 2) from the same checkpoint."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    conf = tmp_path / "conf"
+    (conf / "stages").mkdir(parents=True)
+    (conf / "stages" / "cp.yaml").write_text(CP_STAGES_YAML)
+    (conf / "stages" / "nocp.yaml").write_text(CP_STAGES_YAML.replace("parallel.cp=2", "parallel.cp=1"))
+    common = [sys.executable, "-m", "megads.train.cli", "--config-dir", str(conf), "model=tiny", "parallel=dp",
+              "parallel.micro_batch_size=1", "seq_len=32", "schedule=tiny", "schedule.train_tokens=0",
+              "schedule.train_steps=3", "schedule.warmup_steps=1", "schedule.batch_start=4", "schedule.batch_end=4",
+              "logging.wandb.mode=disabled", "logging.console_every=1", "data=fallback", "data.max_bytes=200000",
+              "logging.expert_load_png=false"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([*common, "stages=cp", f"run_dir={tmp_path / 'run'}"], cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "needs 2 ranks" in run.stdout + run.stderr
+    assert "cp 2" in run.stdout + run.stderr  # the stage's layout line
+
+    def losses(stage_dir: Path) -> list[float]:
+        return [json.loads(line)["loss/lm"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+    got = losses(tmp_path / "run" / "stages" / "long_cp2")
+    assert len(got) == 3 and all(0 < x < 20 for x in got)
+    init = tmp_path / "run" / "stages" / "short" / "checkpoints" / "step_00000003"
+    alone = subprocess.run([*common, "stages=nocp", f"run_dir={tmp_path / 'alone'}", "stages.start=long_cp2",
+                            f"checkpoint.init_from={init}"],
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    want = losses(tmp_path / "alone" / "stages" / "long_cp2")
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, want)), (got, want)

@@ -75,7 +75,7 @@ class MLA(nn.Module):
             latent_BSX = shard.gather(torch.cat([c_kv_BTC, k_rope_BT1R.squeeze(2)], dim=-1))
             c_kv_BTC, k_rope_BSR = latent_BSX.split([self.kv_rank, self.rope_dim], dim=-1)  # now [B, S, *]
             k_rope_BT1R = k_rope_BSR.unsqueeze(2)
-            S, mask_TS = latent_BSX.shape[1], shard.causal_mask(device=x_BTD.device)
+            S, mask_TS = latent_BSX.shape[1], shard.causal_mask(device=x_BTD.device, dtype=q_BTHQ.dtype)
         kv_BSHX = self.kv_b_proj(self.kv_a_layernorm(c_kv_BTC)).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope_BSHP, v_BSHV = kv_BSHX.split([self.nope_dim, self.v_dim], dim=-1)
 

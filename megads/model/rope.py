@@ -64,8 +64,9 @@ class SequenceShard(Protocol):
         sequence); differentiable (the gradient of the rows comes back to their holder)."""
         ...
 
-    def causal_mask(self, *, device: torch.device) -> torch.Tensor:
-        """[T, S] bool: True where this shard's row t may attend position s (s <= its position)."""
+    def causal_mask(self, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[T, S] additive mask: 0 where this shard's row t may attend position s (s <= its
+        position), -inf elsewhere."""
         ...
 
 

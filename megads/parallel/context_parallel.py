@@ -91,6 +91,7 @@ class LatentShard:
     positions_T: torch.Tensor  # this rank's rows
     index_S: torch.Tensor  # position s -> its place in the rank-major padded gather (rank * Tmax + row)
     rows_max: int  # Tmax: the most rows any rank holds (the gather pads to it)
+    _masks: dict[tuple[torch.device, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def gather(self, rows_BTX: torch.Tensor) -> torch.Tensor:
         B, T, X = rows_BTX.shape
@@ -100,9 +101,17 @@ class LatentShard:
         flat_BCX = all_CBTX.permute(1, 0, 2, 3).reshape(B, self.cp.size * self.rows_max, X)
         return flat_BCX.index_select(1, self.index_S.to(flat_BCX.device))  # [B, S, X] in position order
 
-    def causal_mask(self, *, device: torch.device) -> torch.Tensor:
-        S = self.index_S.shape[0]
-        return self.positions_T.to(device)[:, None] >= torch.arange(S, device=device)[None, :]  # [T, S]
+    def causal_mask(self, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Additive [T, S] mask (0 where row t may attend position s <= its own, -inf elsewhere),
+        made once per shard: every layer's attention saves the same tensor for its backward
+        (SDPA would otherwise save its own float copy of a boolean mask in each layer)."""
+        key = (device, dtype)
+        if key not in self._masks:
+            S = self.index_S.shape[0]
+            allowed_TS = self.positions_T.to(device)[:, None] >= torch.arange(S, device=device)[None, :]
+            self._masks[key] = torch.zeros(allowed_TS.shape, dtype=dtype, device=device).masked_fill_(
+                ~allowed_TS, float("-inf"))
+        return self._masks[key]
 
 
 @dataclass

@@ -49,9 +49,19 @@ def _setup_logging() -> None:
 
 
 def _needed_ranks(train_cfg: object) -> int:
-    """The smallest world size the layout runs on (pp x ep: one data-parallel group of ep)."""
-    p = train_cfg.parallel  # type: ignore[attr-defined]
-    return max(1, p.pp * p.ep)
+    """The smallest world size every stage's layout runs on: pp x lcm(ep, cp) for each (one
+    data-parallel group holding ep expert shards and cp pieces of a sequence), their lcm."""
+    import math
+
+    from megads.train.stages import stage_config
+
+    stages = train_cfg.stages.list  # type: ignore[attr-defined]
+    cfgs = [train_cfg] + [stage_config(train_cfg, s, where=f"stages.list[{i}]") for i, s in enumerate(stages)]
+    need = 1
+    for c in cfgs:
+        p = c.parallel  # type: ignore[attr-defined]
+        need = math.lcm(need, max(1, p.pp * math.lcm(p.ep, p.cp)))
+    return need
 
 
 def _config_args(hydra_cfg: object) -> list[str]:
