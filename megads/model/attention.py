@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+from torch.utils.checkpoint import checkpoint
 
 from megads.model.config import ModelConfig
 from megads.model.linear import LinearFactory
@@ -68,19 +70,32 @@ class MLA(nn.Module):
         kv = self.kv_a_proj_with_mqa(x_BTD)
         c_kv_BTC, k_rope_BTR = kv.split([self.kv_rank, self.rope_dim], dim=-1)
         q_rope_BTHR = apply_rope(q_rope_BTHR, cos_TR, sin_TR)
-        k_rope_BT1R = apply_rope(k_rope_BTR.unsqueeze(2), cos_TR, sin_TR)
-        S, mask_TS = T, None  # keys: the rows themselves, causal
-        if shard is not None:
-            # the other pieces' keys from their latents: [c_kv ; RoPE(k_rope)] of all S positions
-            latent_BSX = shard.gather(torch.cat([c_kv_BTC, k_rope_BT1R.squeeze(2)], dim=-1))
-            c_kv_BTC, k_rope_BSR = latent_BSX.split([self.kv_rank, self.rope_dim], dim=-1)  # now [B, S, *]
-            k_rope_BT1R = k_rope_BSR.unsqueeze(2)
-            S, mask_TS = latent_BSX.shape[1], shard.causal_mask(device=x_BTD.device, dtype=q_BTHQ.dtype)
-        kv_BSHX = self.kv_b_proj(self.kv_a_layernorm(c_kv_BTC)).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
-        k_nope_BSHP, v_BSHV = kv_BSHX.split([self.nope_dim, self.v_dim], dim=-1)
-
+        k_rope_BTR = apply_rope(k_rope_BTR.unsqueeze(2), cos_TR, sin_TR).squeeze(2)
         q_BTHQ = torch.cat([q_nope_BTHP, q_rope_BTHR], dim=-1)
-        k_BSHQ = torch.cat([k_nope_BSHP, k_rope_BT1R.expand(B, S, self.n_heads, self.rope_dim)], dim=-1)
+        if shard is None:  # keys: the rows themselves, causal
+            out_BTX = self.attend(q_BTHQ, c_kv_BTC, k_rope_BTR, None)
+        else:
+            # the other pieces' keys from their latents: [c_kv ; RoPE(k_rope)] of all S positions.
+            # The per-head keys and values of the S positions (S x H(P+R+V) values) are recomputed
+            # from the gathered latent (S x (C+R)) in the backward instead of being kept.
+            latent_BSX = shard.gather(torch.cat([c_kv_BTC, k_rope_BTR], dim=-1))
+            c_kv_BSC, k_rope_BSR = latent_BSX.split([self.kv_rank, self.rope_dim], dim=-1)
+            out_BTX = checkpoint(self.attend, q_BTHQ, c_kv_BSC, k_rope_BSR, shard.runs(), use_reentrant=False)
+        return self.o_proj(out_BTX)
+
+    def attend(
+        self, q_BTHQ: torch.Tensor, c_kv_BSC: torch.Tensor, k_rope_BSR: torch.Tensor,
+        runs: list[tuple[int, int, int]] | None,
+    ) -> torch.Tensor:
+        """Attention of the queries over the keys/values up-projected from the latent c_kv and the
+        shared rope key (already rotated). `runs` None: the S = T rows themselves, causal; else
+        each run (rows [lo, hi) at positions [end - (hi - lo), end)) attends keys [0, end) under
+        a causal mask aligned to the bottom right (no [T, S] mask is made; see SequenceShard)."""
+        B, T = q_BTHQ.shape[:2]
+        S = c_kv_BSC.shape[1]
+        kv_BSHX = self.kv_b_proj(self.kv_a_layernorm(c_kv_BSC)).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope_BSHP, v_BSHV = kv_BSHX.split([self.nope_dim, self.v_dim], dim=-1)
+        k_BSHQ = torch.cat([k_nope_BSHP, k_rope_BSR.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)], dim=-1)
         # Flash kernels (CPU and CUDA) need one head dim for q, k and v; with v_head_dim <
         # qk_head_dim SDPA would fall back to the math path, which materialises the [T, T]
         # scores. Zero columns appended to v leave the first v_dim output columns unchanged.
@@ -88,13 +103,14 @@ class MLA(nn.Module):
         if self.v_dim < qk_dim:
             v_BSHV = F.pad(v_BSHV, (0, qk_dim - self.v_dim))
         # SDPA wants [B, H, T, *]
-        out_BHTV = F.scaled_dot_product_attention(
-            q_BTHQ.transpose(1, 2),
-            k_BSHQ.transpose(1, 2),
-            v_BSHV.transpose(1, 2),
-            attn_mask=mask_TS,
-            is_causal=mask_TS is None,
-            scale=self.softmax_scale,
-        )[..., : self.v_dim]
-        out_BTX = out_BHTV.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)
-        return self.o_proj(out_BTX)
+        q_BHTQ, k_BHSQ, v_BHSV = q_BTHQ.transpose(1, 2), k_BSHQ.transpose(1, 2), v_BSHV.transpose(1, 2)
+        if runs is None:
+            out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, is_causal=True, scale=self.softmax_scale)
+        else:
+            out_BHTV = torch.cat([
+                F.scaled_dot_product_attention(
+                    q_BHTQ[:, :, lo:hi], k_BHSQ[:, :, :end], v_BHSV[:, :, :end],
+                    attn_mask=causal_lower_right(hi - lo, end), scale=self.softmax_scale,
+                ) for lo, hi, end in runs], dim=2)
+        out_BHTV = out_BHTV[..., : self.v_dim]
+        return out_BHTV.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim)

@@ -64,9 +64,9 @@ class SequenceShard(Protocol):
         sequence); differentiable (the gradient of the rows comes back to their holder)."""
         ...
 
-    def causal_mask(self, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """[T, S] additive mask: 0 where this shard's row t may attend position s (s <= its
-        position), -inf elsewhere."""
+    def runs(self) -> list[tuple[int, int, int]]:
+        """(first row, end row, end position): rows [lo, hi) hold the consecutive positions
+        [end - (hi - lo), end), in ascending order; every row is in one run."""
         ...
 
 

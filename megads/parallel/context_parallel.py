@@ -91,7 +91,7 @@ class LatentShard:
     positions_T: torch.Tensor  # this rank's rows
     index_S: torch.Tensor  # position s -> its place in the rank-major padded gather (rank * Tmax + row)
     rows_max: int  # Tmax: the most rows any rank holds (the gather pads to it)
-    _masks: dict[tuple[torch.device, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
+    row_runs: list[tuple[int, int, int]]  # see `runs`
 
     def gather(self, rows_BTX: torch.Tensor) -> torch.Tensor:
         B, T, X = rows_BTX.shape
@@ -101,17 +101,20 @@ class LatentShard:
         flat_BCX = all_CBTX.permute(1, 0, 2, 3).reshape(B, self.cp.size * self.rows_max, X)
         return flat_BCX.index_select(1, self.index_S.to(flat_BCX.device))  # [B, S, X] in position order
 
-    def causal_mask(self, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Additive [T, S] mask (0 where row t may attend position s <= its own, -inf elsewhere),
-        made once per shard: every layer's attention saves the same tensor for its backward
-        (SDPA would otherwise save its own float copy of a boolean mask in each layer)."""
-        key = (device, dtype)
-        if key not in self._masks:
-            S = self.index_S.shape[0]
-            allowed_TS = self.positions_T.to(device)[:, None] >= torch.arange(S, device=device)[None, :]
-            self._masks[key] = torch.zeros(allowed_TS.shape, dtype=dtype, device=device).masked_fill_(
-                ~allowed_TS, float("-inf"))
-        return self._masks[key]
+    def runs(self) -> list[tuple[int, int, int]]:
+        """(first row, end row, end position) of each run of consecutive positions among the rows:
+        the zig-zag chunks (two; an MTP depth's cut may shorten the late one)."""
+        return self.row_runs
+
+
+def position_runs(positions: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, end row, end position) of each run of consecutive values of ascending `positions`."""
+    out, lo = [], 0
+    for i in range(1, len(positions) + 1):
+        if i == len(positions) or positions[i] != positions[i - 1] + 1:
+            out.append((lo, i, positions[i - 1] + 1))
+            lo = i
+    return out
 
 
 @dataclass
@@ -135,8 +138,9 @@ class ContextParallel:
         index_S = torch.empty(limit, dtype=torch.long)
         for r, p in enumerate(ranks):
             index_S[p] = r * rows_max + torch.arange(len(p))
-        return LatentShard(self, positions_T=ranks[self.rank].to(device), index_S=index_S.to(device),
-                           rows_max=rows_max)
+        mine = ranks[self.rank]
+        return LatentShard(self, positions_T=mine.to(device), index_S=index_S.to(device), rows_max=rows_max,
+                           row_runs=position_runs(mine.tolist()))
 
     def rope(self, model: nn.Module, seq_len: int, *, dtype: torch.dtype, device: torch.device,
              limit: int | None = None) -> RopeCache:

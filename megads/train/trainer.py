@@ -298,6 +298,8 @@ def _history_entry(step: int, tokens: float, m: StepMetrics, *, lr: float, mtp_w
     if x.get("a2a_bytes"):
         h["a2a/bytes"] = x["a2a_bytes"]
         h["a2a/wait_s"] = x["a2a_wait_s"]
+    if x.get("cp_bytes"):
+        h["cp/latent_bytes_per_rank"] = x["cp_bytes"]  # context parallel: rank 0's latent exchange bytes
     if x.get("nodes_per_token_mean"):
         h["routing/nodes_per_token_mean"] = x["nodes_per_token_mean"]
         h["routing/nodes_per_token_max"] = x["max_nodes_per_token"]
