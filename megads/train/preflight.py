@@ -101,8 +101,8 @@ def run_fingerprint(cfg: TrainConfig, data_cfg: Any) -> str:
 def state_layout(cfg: TrainConfig, *, world_size: int) -> dict[str, Any]:
     """The settings that decide which rank holds which state (a resume must keep them)."""
     p = cfg.parallel
-    return {"world_size": world_size, "pp": p.pp, "ep": p.ep, "dp": p.data_parallel_size(world_size=world_size),
-            "schedule": p.schedule if p.pp > 1 else None, "stage_layers": p.stage_layers, "zero1": p.zero1}
+    return {"world_size": world_size, "pp": p.pp, "ep": p.ep, "cp": p.cp,
+            "dp": p.data_parallel_size(world_size=world_size), "schedule": p.schedule if p.pp > 1 else None, "stage_layers": p.stage_layers, "zero1": p.zero1}
 
 
 def training_settings(cfg: TrainConfig) -> dict[str, Any]:
@@ -152,6 +152,7 @@ def check_resume(cfg: TrainConfig, *, resume_from: Path, world_size: int, finger
         raise ConfigError(f"{meta_path}: unreadable checkpoint metadata ({e}); resume from another step_* folder") from None
     saved_layout = meta.get("layout") or {}
     now = state_layout(cfg, world_size=world_size)
+    saved_layout.setdefault("cp", 1)  # checkpoints from before context parallel
     moved = [f"{k} {saved_layout.get(k)!r} -> {now[k]!r}" for k in now if saved_layout.get(k) != now[k]]
     if moved:  # the state is stored by global name and reshards on load (docs/checkpoints.md)
         log.info(f"{resume_from.name}: parallel layout changed, the state is resharded on load: " + ", ".join(moved))
