@@ -115,6 +115,9 @@ def test_cp_alone_and_with_ep_and_pp_on_four_ranks(setup: dict[str, Any], tmp_pa
         want = torch.load(tmp_path / f"grads_{LayoutSpec(1, 2).tag}.rank{r}.pt", weights_only=False)
         got = torch.load(tmp_path / f"grads_{LayoutSpec(1, 2, cp=2).tag}.rank{r}.pt", weights_only=False)
         assert_same_steps(want, got, rel=RTOL)
+    # bf16 autocast: the same steps within bf16 rounding (the cp path casts q, k, v itself)
+    bf16 = torch.load(tmp_path / "bf16.rank0.pt", weights_only=False)
+    assert all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(bf16[2], bf16[1])), bf16
     # the exchange volume: per micro-batch, every attention layer (4 main + 1 MTP) all-gathers this
     # rank's 2 x 32/cp latent rows of 16 + 8 values to cp-1 peers and sends their gradients back
     cfg = setup["cfg"]
@@ -151,8 +154,17 @@ def _grads_worker(rank: int, world: int, cfg: Any, batches: Any, outdir: str) ->
 def _four_rank_worker(rank: int, world: int, cfg: Any, layouts: Any, batches: Any, outdir: str) -> None:
     """The equivalence layouts, then the gradient comparison, in one spawned group (start-up
     dominates on two cores)."""
+    from megads.testing.parallel import plan_spec
+
     equivalence_worker(rank, world, cfg, layouts, batches, MBS, MTP_WEIGHT, OPTIM, SEED, outdir)
     _grads_worker(rank, world, cfg, batches[:2], outdir)
+    bf16 = {}
+    for spec in (LayoutSpec(1, 2), LayoutSpec(1, 2, cp=2)):  # under bf16 autocast
+        plan = plan_spec(cfg, spec, world=world)
+        ex = ParallelExecutor(cfg, mesh=ParallelMesh.build(plan), plan=plan, micro_batch_size=MBS, seed=SEED,
+                              optim=OPTIM, autocast_dtype=torch.bfloat16)
+        bf16[spec.cp] = [ex.step(i, t, mtp_weight=MTP_WEIGHT).loss for i, t in batches[:2]]
+    torch.save(bf16, Path(outdir) / f"bf16.rank{rank}.pt")
 
 
 CP_STAGES_YAML = """

@@ -3,8 +3,9 @@
     .venv/bin/python -m tools.bench_context_parallel [--preset tiny] [--seq 4096] [--cps 1 2 4]
         [--steps 3] [--batch 1] [--out docs/img/context_parallel_tiny.png]
 
-For each cp it spawns cp gloo ranks (one thread each: the cp=1 peer is the same model on one
-rank, in the same run) of pp 1 x ep 1 x cp, trains `--steps` steps of a global batch of
+For each cp it spawns cp gloo ranks of pp 1 x ep 1 x cp, each with cores / cp threads (at least
+one: every cp uses the whole machine; the cp = 1 peer is the same model on one rank, in the same
+run), trains `--steps` steps of a global batch of
 `--batch` sequences (the first is a warm-up) and reports per rank:
 - the median step time of the timed steps;
 - the peak of the bytes autograd saves for backward during one step
@@ -53,6 +54,7 @@ def worker(rank: int, world: int, preset: str, seq: int, batch: int, steps: int,
     from megads.testing.activations import SavedTensorTracker
     from tools.count_params import load_preset
 
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     cfg = load_preset(preset).replace(max_position_embeddings=max(seq, 4096))
     plan = plan_layout(world_size=world, pp=1, ep=1, cp=world, num_layers=cfg.num_hidden_layers,
                        n_routed_experts=cfg.n_routed_experts)

@@ -107,6 +107,8 @@ class MLA(nn.Module):
         if runs is None:
             out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, is_causal=True, scale=self.softmax_scale)
         else:
+            # a mask object bypasses autocast's cast of SDPA's inputs: the GEMMs' dtype for all three
+            q_BHTQ, k_BHSQ = q_BHTQ.to(v_BHSV.dtype), k_BHSQ.to(v_BHSV.dtype)
             out_BHTV = torch.cat([
                 F.scaled_dot_product_attention(
                     q_BHTQ[:, :, lo:hi], k_BHSQ[:, :, :end], v_BHSV[:, :, :end],
