@@ -24,13 +24,18 @@ summary="$OUT/summary.txt"
 : > "$summary"
 note() { echo "[gpu_check] $*" | tee -a "$summary"; }
 
-# 0. Fail early and clearly without a CUDA device.
-if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  note "FAILED: no CUDA device visible to torch ($("$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1)). This script needs one NVIDIA GPU (H100/H200)."
+# 0. Fail early and clearly without a CUDA device (one torch import).
+if ! gpu=$("$PYTHON" -c '
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit(f"torch {torch.__version__}, CUDA build {torch.version.cuda}")
+print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPU", torch.cuda.get_device_name(0),
+      "cc", torch.cuda.get_device_capability(0))' 2>&1); then
+  note "FAILED: no CUDA device visible to torch ($gpu). This script needs one NVIDIA GPU (H100/H200)."
   exit 2
 fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-note "$("$PYTHON" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPU", torch.cuda.get_device_name(0), "cc", torch.cuda.get_device_capability(0))')"
+note "$gpu"
 note "start $(date -u +%FT%TZ), results in $OUT"
 
 status=0
