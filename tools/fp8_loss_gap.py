@@ -2,7 +2,7 @@
 
     python -m tools.fp8_loss_gap [--model small] [--steps 300] [--seq-len 128] [--batch 4]
                                  [--nproc 1] [--parallel single] [--out outputs/fp8_loss_gap]
-                                 [--stop-at S]
+                                 [--stop-at S] [--seed-spread SEED]
 
 Two `megads-train` runs with the same config, seed and data, one with `precision=fp32` and one
 with `precision=fp8` (the backend `fp8.backend` picks: the emulation on CPU). Printed: the mean
@@ -13,6 +13,15 @@ run is reused (the trainer says "nothing to do"), so an interrupted measurement 
 `--stop-at S` (the FP8 emulation is about 3x slower than FP32 on a CPU): both runs keep the
 schedule of `--steps` (the same learning rate at every step) but are stopped after step S with
 SIGUSR1 (megads' preemption: a checkpoint, exit 75), and the window is steps S-window+1..S.
+
+`--seed-spread SEED`: a third run, FP32 again with the model initialised from `seed=SEED` (the
+same data order: that is `data.seed`), in `<out>/fp32_seed<SEED>`. The same statistic between the
+two FP32 runs is the seed-to-seed spread: a gap of FP8 against FP32 no larger than it is noise,
+not a property of FP8.
+
+The runs already in `<out>` are reused, so the runs can also be started by hand (e.g. at the same
+time, each with OMP_NUM_THREADS=1, the tool's overrides printed in its log) and the tool run
+afterwards with `--stop-at` at a step all of them reached, to compute the figures and the plot.
 """
 
 from __future__ import annotations
@@ -27,23 +36,23 @@ import time
 from pathlib import Path
 
 
-def _run(out: Path, precision: str, args: argparse.Namespace) -> float:
-    run_dir = out / precision
+def _run(out: Path, name: str, precision: str, args: argparse.Namespace, extra: list[str]) -> float:
+    run_dir = out / name
     overrides = [
         f"model={args.model}", f"parallel={args.parallel}", f"precision={precision}", f"seq_len={args.seq_len}",
         "schedule=tiny", "schedule.train_tokens=0", f"schedule.train_steps={args.steps}",
         f"schedule.batch_start={args.batch}", f"schedule.batch_end={args.batch}", f"schedule.warmup_steps={args.warmup}",
         f"optim.lr={args.lr}", f"data={args.data}", "logging.wandb.mode=disabled", "logging.console_every=10",
-        "checkpoint.every_steps=50", f"run_dir={run_dir}", *args.extra,
+        "checkpoint.every_steps=50", f"run_dir={run_dir}", *extra, *args.extra,
     ]
     cmd = [sys.executable, "-m", "megads.train.cli", *overrides]
     if args.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
                "-m", "megads.train.cli", *overrides]
     if args.stop_at and len(_losses(run_dir)) >= args.stop_at:
-        print(f"[fp8_loss_gap] {precision}: {run_dir} already holds step {args.stop_at}", flush=True)
+        print(f"[fp8_loss_gap] {name}: {run_dir} already holds step {args.stop_at}", flush=True)
         return float("nan")
-    print(f"[fp8_loss_gap] {precision}: {' '.join(cmd[2:])}", flush=True)
+    print(f"[fp8_loss_gap] {name}: {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, "WANDB_MODE": "disabled"})
     signalled = False
@@ -53,7 +62,7 @@ def _run(out: Path, precision: str, args: argparse.Namespace) -> float:
             proc.send_signal(signal.SIGUSR1)  # stop after this step, with a checkpoint (exit 75)
             signalled = True
     if proc.returncode not in (0, 75 if signalled else 0):
-        raise SystemExit(f"{precision} run failed with exit code {proc.returncode}")
+        raise SystemExit(f"{name} run failed with exit code {proc.returncode}")
     return time.perf_counter() - t0
 
 
@@ -78,21 +87,37 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=50)
     ap.add_argument("--data", default="builtin")
     ap.add_argument("--stop-at", type=int, default=0, help="stop both runs after this step (0: run all --steps)")
+    ap.add_argument("--seed-spread", type=int, default=None, metavar="SEED",
+                    help="also run FP32 with seed=SEED and report the FP32-FP32 gap (the noise of the statistic)")
     ap.add_argument("--out", type=Path, default=Path("outputs/fp8_loss_gap"))
     ap.add_argument("extra", nargs="*", help="more megads-train overrides for both runs")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    walls = {p: _run(args.out, p, args) for p in ("fp32", "fp8")}
+    runs = [("fp32", "fp32", []), ("fp8", "fp8", [])]
+    if args.seed_spread is not None:
+        runs.append((f"fp32_seed{args.seed_spread}", "fp32", [f"seed={args.seed_spread}"]))
+    walls = {name: _run(args.out, name, precision, args, extra) for name, precision, extra in runs}
     end = args.stop_at or args.steps
     curves = {p: _losses(args.out / p)[:end] for p in walls}
+    short = [p for p, c in curves.items() if len(c) < end]
+    if short:
+        raise SystemExit(f"runs {short} hold fewer than {end} steps")
     means = {p: sum(c[-args.window:]) / len(c[-args.window:]) for p, c in curves.items()}
     gap = (means["fp8"] - means["fp32"]) / means["fp32"]
-    summary = {"model": args.model, "steps": args.steps, "compared_steps": end, "window": args.window, "mean_last_fp32": means["fp32"],
-               "mean_last_fp8": means["fp8"], "relative_gap": gap, "wall_s": walls}
+    summary = {"model": args.model, "steps": args.steps, "compared_steps": end, "window": args.window,
+               "mean_last": means, "mean_last_fp32": means["fp32"], "mean_last_fp8": means["fp8"],
+               "relative_gap": gap, "wall_s": walls}
+    spread_line = ""
+    if args.seed_spread is not None:
+        other = f"fp32_seed{args.seed_spread}"
+        spread = (means[other] - means["fp32"]) / means["fp32"]
+        summary["relative_gap_fp32_seeds"] = spread
+        spread_line = f"; FP32 seed {args.seed_spread} against FP32: {spread * 100:+.3f}% (the seed-to-seed spread)"
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"[fp8_loss_gap] mean LM loss of steps {end - args.window + 1}-{end} (schedule of {args.steps}): fp32 {means['fp32']:.4f}, "
-          f"fp8 {means['fp8']:.4f}; relative gap {gap * 100:+.3f}% (DeepSeek: < 0.25%); "
-          f"wall fp32 {walls['fp32']:.0f} s, fp8 {walls['fp8']:.0f} s")
+    print(f"[fp8_loss_gap] mean LM loss of steps {end - args.window + 1}-{end} (schedule of {args.steps}): "
+          + ", ".join(f"{p} {m:.4f}" for p, m in means.items())
+          + f"; relative gap fp8 {gap * 100:+.3f}% (DeepSeek: < 0.25%){spread_line}; "
+          + "wall " + ", ".join(f"{p} {w:.0f} s" for p, w in walls.items()))
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")

@@ -72,11 +72,32 @@ def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
+def _amax(tiles: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """max |x| over `dims`; over one dimension in a single read (aminmax), without the full-size
+    |x| copy. The same values as x.abs().amax(dims) (negation and max are exact)."""
+    if len(dims) == 1:
+        lo, hi = torch.aminmax(tiles, dim=dims[0])
+        return torch.maximum(lo.neg_(), hi)
+    return tiles.abs().amax(dim=dims)
+
+
+def _fake_quant(tiles: torch.Tensor, dims: tuple[int, ...], pow2: bool) -> torch.Tensor:
+    """E4M3 with one scale per slice over `dims` of `tiles`, dequantised to FP32: the same
+    elementwise operations as quantise-then-dequantise (x / s, saturate, cast, back, times s),
+    fused into one temporary and broadcast scales (no repeat_interleave copies)."""
+    scale = scales_from_amax(_amax(tiles, dims), pow2=pow2)
+    for d in sorted(d % tiles.dim() for d in dims):
+        scale = scale.unsqueeze(d)
+    q = tiles / scale
+    q.clamp_(-E4M3_MAX, E4M3_MAX)
+    return q.to(E4M3).float().mul_(scale)
+
+
 def quantize_tiles(x_NK: torch.Tensor, *, pow2: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """1 x 128 tiles along the last dimension: (E4M3 values [N, K], FP32 scales [N, ceil(K/128)])."""
     n, k = x_NK.shape
     tiles = _pad_to_blocks(x_NK.float(), (1,)).view(n, -1, BLOCK)
-    scale = scales_from_amax(tiles.abs().amax(dim=2), pow2=pow2)
+    scale = scales_from_amax(_amax(tiles, (2,)), pow2=pow2)
     q = _to_e4m3(tiles / scale.unsqueeze(2)).view(n, -1)[:, :k]
     return q, scale
 
@@ -96,7 +117,9 @@ def quantize_blocks(w_OK: torch.Tensor, *, pow2: bool = True) -> tuple[torch.Ten
 
 def dequantize_tiles(q_NK: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """FP32 values of 1 x 128 tiles along the last dimension."""
-    return q_NK.float() * scale.repeat_interleave(BLOCK, dim=1)[:, : q_NK.shape[1]]
+    n, k = q_NK.shape
+    tiles = _pad_to_blocks(q_NK.float(), (1,)).view(n, -1, BLOCK)
+    return (tiles * scale.unsqueeze(2)).view(n, -1)[:, :k]
 
 
 def dequantize_blocks(q_OK: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -112,18 +135,25 @@ def chunked_mm(a_NK: torch.Tensor, b_KM: torch.Tensor) -> torch.Tensor:
     k = a_NK.shape[1]
     out = torch.mm(a_NK[:, :BLOCK], b_KM[:BLOCK])
     for start in range(BLOCK, k, BLOCK):
-        out = out + torch.mm(a_NK[:, start:start + BLOCK], b_KM[start:start + BLOCK])
+        out += torch.mm(a_NK[:, start:start + BLOCK], b_KM[start:start + BLOCK])
     return out
 
 
 def fake_quant_tiles(x_NK: torch.Tensor, *, pow2: bool) -> torch.Tensor:
     """x after E4M3 with 1 x 128 tile scales along the last dimension, in FP32."""
-    return dequantize_tiles(*quantize_tiles(x_NK, pow2=pow2))
+    n, k = x_NK.shape
+    tiles = _pad_to_blocks(x_NK.float(), (1,)).view(n, -1, BLOCK)
+    return _fake_quant(tiles, (2,), pow2).view(n, -1)[:, :k]
 
 
 def fake_quant_blocks(w_OK: torch.Tensor, *, pow2: bool) -> torch.Tensor:
     """w after E4M3 with 128 x 128 block scales, in FP32."""
-    return dequantize_blocks(*quantize_blocks(w_OK, pow2=pow2))
+    *lead, o, k = w_OK.shape
+    nd = w_OK.dim()
+    padded = _pad_to_blocks(w_OK.float(), (nd - 2, nd - 1))
+    ob, kb = padded.shape[-2] // BLOCK, padded.shape[-1] // BLOCK
+    blocks = padded.view(*lead, ob, BLOCK, kb, BLOCK)
+    return _fake_quant(blocks, (-3, -1), pow2).view(*lead, ob * BLOCK, kb * BLOCK)[..., :o, :k]
 
 
 def fp8_forward(x_NK: torch.Tensor, w_OK: torch.Tensor, *, pow2: bool) -> torch.Tensor:
@@ -216,39 +246,120 @@ def expert_rows(counts: list[int]) -> Iterator[tuple[int, slice]]:
         start += n
 
 
+def _grouped_kernel_usable(x_dq: torch.Tensor, w_dq: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` can run the emulation's per-chunk grouped GEMMs here: the
+    conditions of `megads.model.linear.grouped_kernel_usable` for FP32 operands on CPU (the
+    emulation's operands are FP32; CUDA's kernel takes BF16 only, so GPUs run the loop)."""
+    return (x_dq.device.type == "cpu" and hasattr(torch, "_grouped_mm") and x_dq.shape[0] > 0
+            and w_dq.shape[-1] % 8 == 0 and w_dq.shape[-2] % 8 == 0)
+
+
+def _grouped_chunked_mm(a_NK: torch.Tensor, b_EKM: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`chunked_mm` of every expert's rows with its own matrix, for all experts at once: one
+    `torch._grouped_mm` per 128-wide chunk of K, the chunks added in K order. Bit-identical to the
+    per-expert loop (`torch._grouped_mm` on CPU runs the same GEMM per group, checked in
+    tests/test_fp8.py)."""
+    k = a_NK.shape[1]
+    out = torch._grouped_mm(a_NK[:, :BLOCK], b_EKM[:, :BLOCK], offs=offs)
+    for start in range(BLOCK, k, BLOCK):
+        out += torch._grouped_mm(a_NK[:, start:start + BLOCK], b_EKM[:, start:start + BLOCK], offs=offs)
+    return out
+
+
+def _fake_quant_token_tiles(x_NK: torch.Tensor, counts: list[int], pow2: bool) -> torch.Tensor:
+    """Every expert's rows through E4M3 in 128 x 1 tiles along tokens (the weight gradient's
+    contraction), tiles starting at the expert's first row, all experts at once: the rows are
+    placed in a zero-padded buffer where each expert starts at a multiple of 128 (zeros change
+    no max-abs), quantised as [tiles, 128, K], and gathered back. The same values as quantising
+    each expert's rows on its own."""
+    n, k = x_NK.shape
+    src, dst, base = [], [], 0
+    start = 0
+    for c in counts:
+        if c:
+            src.append((start, c))
+            dst.append(base)
+            base += _n_blocks(c) * BLOCK
+        start += c
+    index = torch.cat([torch.arange(d, d + c) for (_, c), d in zip(src, dst)]) if src else torch.zeros(0, dtype=torch.long)
+    index = index.to(x_NK.device)
+    padded = x_NK.new_zeros(base, k, dtype=torch.float32).index_copy_(0, index, x_NK.float())
+    dq = _fake_quant(padded.view(-1, BLOCK, k), (1,), pow2).view(base, k)
+    return dq.index_select(0, index)
+
+
+def _grouped_weight_grad_kernel(g_dq: torch.Tensor, x_dq: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """dw[e] = sum over e's 128-token chunks (in token order) of g_chunk^T @ x_chunk, all experts at
+    once: round r takes every expert's r-th chunk (one `torch._grouped_mm` over tokens, experts
+    without a chunk r get zeros) and the rounds are added in order (adding a zero is exact)."""
+    rounds = max(_n_blocks(c) for c in counts)
+    device = g_dq.device
+    if rounds == 1:
+        offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+        return torch._grouped_mm(g_dq.t(), x_dq, offs=offs)
+    starts = [0]
+    for c in counts[:-1]:
+        starts.append(starts[-1] + c)
+    out = None
+    for r in range(rounds):
+        sizes = [max(0, min(BLOCK, c - r * BLOCK)) for c in counts]
+        rows = [torch.arange(s + r * BLOCK, s + r * BLOCK + m) for s, m in zip(starts, sizes) if m]
+        index = torch.cat(rows).to(device)
+        offs = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
+        part = torch._grouped_mm(g_dq.index_select(0, index).t(), x_dq.index_select(0, index), offs=offs)
+        out = part if out is None else out.add_(part)
+    assert out is not None
+    return out
+
+
 class _Fp8GroupedMM(torch.autograd.Function):
     """Expert e: its contiguous rows times w[e]^T, each expert with its own scales.
 
     A 1 x 128 tile along K lies inside one row, so the activations (forward) and output
     gradients (input gradient) are quantised for all rows at once, and all experts' weight blocks
     at once: the same values as expert by expert. Only the weight gradient's 128-token tiles
-    depend on the grouping: quantised per expert.
+    depend on the grouping: quantised per expert. Where `torch._grouped_mm` can run (FP32 on CPU,
+    sizes multiples of 8) each GEMM runs for all experts at once; otherwise a loop over experts,
+    with the same bits.
     """
 
     @staticmethod
     def forward(ctx, x_NK: torch.Tensor, w_EOK: torch.Tensor, counts: list[int],  # type: ignore[override]
                 pow2: bool, out_dtype: torch.dtype, slot: WeightGradSlot | None = None) -> torch.Tensor:
-        y = x_NK.new_empty(x_NK.shape[0], w_EOK.shape[1], dtype=out_dtype)
         x_dq = fake_quant_tiles(x_NK, pow2=pow2)
         w_dq = fake_quant_blocks(w_EOK, pow2=pow2)
-        for e, rows in expert_rows(counts):
-            y[rows] = _forward_dq(x_dq[rows], w_dq[e])
+        kernel = _grouped_kernel_usable(x_dq, w_dq)
+        if kernel:
+            offs = torch.tensor(counts, device=x_NK.device).cumsum(0).to(torch.int32)
+            y = _grouped_chunked_mm(x_dq, w_dq.transpose(1, 2), offs).to(out_dtype)
+        else:
+            y = x_NK.new_empty(x_NK.shape[0], w_EOK.shape[1], dtype=out_dtype)
+            for e, rows in expert_rows(counts):
+                y[rows] = _forward_dq(x_dq[rows], w_dq[e])
         ctx.save_for_backward(x_NK, w_dq)
-        ctx.counts, ctx.pow2, ctx.w_dtype, ctx.slot = counts, pow2, w_EOK.dtype, slot
+        ctx.counts, ctx.pow2, ctx.w_dtype, ctx.slot, ctx.kernel = counts, pow2, w_EOK.dtype, slot, kernel
         return y
 
     @staticmethod
     def backward(ctx, g_NO: torch.Tensor):  # type: ignore[override]
         x_NK, w_dq = ctx.saved_tensors
-        counts, pow2, w_dtype = ctx.counts, ctx.pow2, ctx.w_dtype
+        counts, pow2, w_dtype, kernel = ctx.counts, ctx.pow2, ctx.w_dtype, ctx.kernel
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = x_NK.new_empty(x_NK.shape)
             g_dq = fake_quant_tiles(g_NO, pow2=pow2)
-            for e, rows in expert_rows(counts):
-                grad_x[rows] = _input_grad_dq(g_dq[rows], w_dq[e])
+            if kernel:
+                offs = torch.tensor(counts, device=g_NO.device).cumsum(0).to(torch.int32)
+                grad_x = _grouped_chunked_mm(g_dq, w_dq, offs).to(x_NK.dtype)
+            else:
+                grad_x = x_NK.new_empty(x_NK.shape)
+                for e, rows in expert_rows(counts):
+                    grad_x[rows] = _input_grad_dq(g_dq[rows], w_dq[e])
 
         def weight_grad() -> torch.Tensor:
+            if kernel:
+                g_tok = _fake_quant_token_tiles(g_NO, counts, pow2)
+                x_tok = _fake_quant_token_tiles(x_NK, counts, pow2)
+                return _grouped_weight_grad_kernel(g_tok, x_tok, counts).to(w_dtype)
             grad_w = w_dq.new_zeros(w_dq.shape, dtype=w_dtype)
             for e, rows in expert_rows(counts):
                 grad_w[e] = fp8_weight_grad(g_NO[rows], x_NK[rows], pow2=pow2)

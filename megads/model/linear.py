@@ -41,9 +41,13 @@ class WeightGradStash:
         """id(layer.weight) -> its gradient (in the weight's dtype), summed over the layer's uses in
         the order B met them."""
         out: dict[int, torch.Tensor] = {}
-        for layer, fn in self._work:
-            key, g = id(layer.weight), fn().to(layer.weight.dtype)
-            out[key] = g if key not in out else out[key] + g
+        # no graph: the stashed operands are activations that require grad, and outside the
+        # autograd engine (which runs B's backward functions without grad mode) each GEMM would
+        # record a node and keep its operands alive with the gradient it returns
+        with torch.no_grad():
+            for layer, fn in self._work:
+                key, g = id(layer.weight), fn().to(layer.weight.dtype)
+                out[key] = g if key not in out else out[key].add_(g)
         self._work.clear()
         return out
 
