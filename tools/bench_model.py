@@ -150,6 +150,8 @@ def bench(
         "tokens_per_s_megads": batch * seq / ours_s, "tokens_per_s_transformers": batch * seq / hf_s,
         "matmul_gflop": flops / 1e9, "peak_gflops": peak / 1e9, "lower_bound_s": lower_bound_s,
         "lower_bound_ratio": lower_bound_s / hf_s,
+        # distance to the limit: time / lower bound (1.0 = every non-GEMM operation free, GEMMs at peak)
+        "megads_over_bound": ours_s / lower_bound_s, "transformers_over_bound": hf_s / lower_bound_s,
         # model FLOP utilisation: the matmul FLOPs over (time x measured peak); = bound / time
         "mfu_megads": lower_bound_s / ours_s, "mfu_transformers": lower_bound_s / hf_s,
     }
@@ -195,6 +197,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{preset:8s} {r['matmul_gflop']:13.2f} {r['peak_gflops']:18.1f} {r['lower_bound_s']:8.3f} "
               f"{r['lower_bound_ratio']:19.3f} {100 * r['mfu_megads']:10.1f}% {100 * r['mfu_transformers']:6.1f}% "
               f"{r['tokens_per_s_megads']:16.0f}")
+    print(f"distance to the limit ({args.precision}): wall time / lower bound (1.0 = at the limit)")
+    print(f"{'preset':8s} {'megads/bound':>13s} {'transformers/bound':>19s} {'megads/transformers':>20s}")
+    for preset, r in rows:
+        print(f"{preset:8s} {r['megads_over_bound']:13.2f} {r['transformers_over_bound']:19.2f} {r['ratio']:20.3f}")
 
 
 if __name__ == "__main__":
