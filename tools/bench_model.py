@@ -18,7 +18,8 @@ Lower bound. The script also counts the matmul FLOPs of one megads forward+backw
 same dtype (large square `torch.mm`, best of several). FLOPs / best rate is the time of the
 GEMMs alone at peak speed with every other operation free: no implementation of the same math
 can beat it, so `lower bound / transformers` is the smallest megads/transformers ratio this
-machine allows for the preset.
+machine allows for the preset. The last table gives the distance to that limit, per model, in
+the run's precision: wall time / lower bound (1.0 = at the limit; MFU is its inverse).
 """
 
 from __future__ import annotations
