@@ -75,6 +75,8 @@ class LocalDispatcher:
         # Scatter rows back to (token, k) order. index_copy's backward is a plain gather, cheaper
         # than the scatter-add that the backward of an inverse-permutation gather would need.
         order_M = result.state["order_M"]
-        y_flat_MD = y_MD.new_empty(y_MD.shape).index_copy(0, order_M, y_MD)
+        # in place into a fresh buffer: the out-of-place index_copy would first copy the
+        # uninitialised buffer it is given
+        y_flat_MD = torch.empty_like(y_MD).index_copy_(0, order_M, y_MD)
         # explicit hidden size: with zero tokens a -1 would be ambiguous
         return y_flat_MD.view(result.state["N"], result.state["K"], y_MD.shape[-1])
