@@ -88,6 +88,18 @@ def peak_gemm_flops(dtype: torch.dtype, *, device: torch.device = CPU, repeats: 
     return best
 
 
+def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of `torch._grouped_mm(a, b, offs)`: the groups split the rows (2D x 3D), the
+    contraction (2D x 2D, a weight gradient), or nothing (3D x 3D, batched)."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # [M, K] x [E, K, N]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # [N, M] x [M, K] -> [E, N, K]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 3 and len(b_shape) == 3:  # [E, M, K] x [E, K, N]
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    return 2 * a_shape[1] * a_shape[2] * b_shape[1]  # [E, M, K] x [K, N_total]
+
+
 def matmul_flops(fn) -> float:
     """Matmul FLOPs of one call of `fn`, forward and backward, as a kernel needs them.
 
@@ -96,7 +108,9 @@ def matmul_flops(fn) -> float:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    # FlopCounterMode has no formula for torch._grouped_mm (the routed experts): without this
+    # the experts' GEMMs count zero and the bound is far too low
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: grouped_mm_flops}) as counter:
         fn()
     per_op = counter.get_flop_counts()["Global"]
     batched = sum(n for op, n in per_op.items() if "bmm" in str(op) or "attention" in str(op))
