@@ -39,6 +39,7 @@ class StepResult:
     wall_s: float = 0.0
     peak_live: int = 0
     t0: float = 0.0  # time.perf_counter() at the start of the step (timeline times are relative to it)
+    sent_bytes: int = 0  # activation and gradient bytes this rank sent point-to-point (their dtype decides)
 
     @property
     def loss(self) -> torch.Tensor | None:
@@ -98,6 +99,7 @@ class PipelineRuntime:
         self._losses: dict[int, torch.Tensor] = {}
         self._live = 0
         self._peak_live = 0
+        self._sent_bytes = 0
 
     def _queue(self, act: Action) -> None:
         peer = self._global[act.peer]
@@ -110,6 +112,7 @@ class PipelineRuntime:
         else:
             key = ("F" if act.op is Op.SEND_F else "B", act.chunk, act.mb)
             tensor = self._to_send.pop(key)
+            self._sent_bytes += tensor.numel() * tensor.element_size()
             self._ops.append(dist.P2POp(dist.isend, tensor, peer, self.group))
             self._op_keys.append(None)
             return
@@ -252,6 +255,7 @@ class PipelineRuntime:
             wall_s=wall,
             peak_live=self._peak_live,
             t0=t0,
+            sent_bytes=self._sent_bytes,
         )
         self._reset()
         return result

@@ -270,3 +270,29 @@ def test_every_gemm_but_the_head_goes_through_the_factory() -> None:
     n_grouped = sum(isinstance(m, GroupedLinear) for m in model.modules())
     assert sum(k == "linear" for k, _ in made) == n_linear
     assert sum(k == "grouped" for k, _ in made) == n_grouped
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 32), (3, 7, 96), (5, 33)])
+def test_rms_norm_is_transformers_bit_for_bit(shape: tuple[int, ...]) -> None:
+    """The fused float32 path (F.rms_norm) gives transformers' DeepseekV3RMSNorm's output and
+    gradients bit for bit; so does the explicit path (other dtypes, here a bf16 input)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    from megads.model.norm import RMSNorm
+
+    gen = torch.Generator().manual_seed(len(shape))
+    ours, ref = RMSNorm(shape[-1], eps=1e-6), DeepseekV3RMSNorm(shape[-1], eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(shape[-1], generator=gen))
+        ours.weight.copy_(ref.weight)
+    x, g = torch.randn(*shape, generator=gen) * 3, torch.randn(*shape, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = []
+        for norm in (ours, ref):
+            norm.weight.grad = None
+            xr = x.detach().clone().to(dtype).requires_grad_()
+            y = norm(xr)
+            y.backward(g.to(y.dtype))
+            out.append((y, xr.grad, norm.weight.grad))
+        for a, b in zip(*out):
+            assert a.dtype == b.dtype and torch.equal(a, b), dtype

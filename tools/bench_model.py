@@ -18,7 +18,8 @@ Lower bound. The script also counts the matmul FLOPs of one megads forward+backw
 same dtype (large square `torch.mm`, best of several). FLOPs / best rate is the time of the
 GEMMs alone at peak speed with every other operation free: no implementation of the same math
 can beat it, so `lower bound / transformers` is the smallest megads/transformers ratio this
-machine allows for the preset.
+machine allows for the preset. The last table gives the distance to that limit, per model, in
+the run's precision: wall time / lower bound (1.0 = at the limit; MFU is its inverse).
 """
 
 from __future__ import annotations
@@ -87,6 +88,18 @@ def peak_gemm_flops(dtype: torch.dtype, *, device: torch.device = CPU, repeats: 
     return best
 
 
+def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of `torch._grouped_mm(a, b, offs)`: the groups split the rows (2D x 3D), the
+    contraction (2D x 2D, a weight gradient), or nothing (3D x 3D, batched)."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # [M, K] x [E, K, N]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # [N, M] x [M, K] -> [E, N, K]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 3 and len(b_shape) == 3:  # [E, M, K] x [E, K, N]
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    return 2 * a_shape[1] * a_shape[2] * b_shape[1]  # [E, M, K] x [K, N_total]
+
+
 def matmul_flops(fn) -> float:
     """Matmul FLOPs of one call of `fn`, forward and backward, as a kernel needs them.
 
@@ -95,7 +108,9 @@ def matmul_flops(fn) -> float:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    # FlopCounterMode has no formula for torch._grouped_mm (the routed experts): without this
+    # the experts' GEMMs count zero and the bound is far too low
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: grouped_mm_flops}) as counter:
         fn()
     per_op = counter.get_flop_counts()["Global"]
     batched = sum(n for op, n in per_op.items() if "bmm" in str(op) or "attention" in str(op))
@@ -150,6 +165,8 @@ def bench(
         "tokens_per_s_megads": batch * seq / ours_s, "tokens_per_s_transformers": batch * seq / hf_s,
         "matmul_gflop": flops / 1e9, "peak_gflops": peak / 1e9, "lower_bound_s": lower_bound_s,
         "lower_bound_ratio": lower_bound_s / hf_s,
+        # distance to the limit: time / lower bound (1.0 = every non-GEMM operation free, GEMMs at peak)
+        "megads_over_bound": ours_s / lower_bound_s, "transformers_over_bound": hf_s / lower_bound_s,
         # model FLOP utilisation: the matmul FLOPs over (time x measured peak); = bound / time
         "mfu_megads": lower_bound_s / ours_s, "mfu_transformers": lower_bound_s / hf_s,
     }
@@ -195,6 +212,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{preset:8s} {r['matmul_gflop']:13.2f} {r['peak_gflops']:18.1f} {r['lower_bound_s']:8.3f} "
               f"{r['lower_bound_ratio']:19.3f} {100 * r['mfu_megads']:10.1f}% {100 * r['mfu_transformers']:6.1f}% "
               f"{r['tokens_per_s_megads']:16.0f}")
+    print(f"distance to the limit ({args.precision}): wall time / lower bound (1.0 = at the limit)")
+    print(f"{'preset':8s} {'megads/bound':>13s} {'transformers/bound':>19s} {'megads/transformers':>20s}")
+    for preset, r in rows:
+        print(f"{preset:8s} {r['megads_over_bound']:13.2f} {r['transformers_over_bound']:19.2f} {r['ratio']:20.3f}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -137,6 +137,71 @@ class Linear(nn.Linear):
             return _LinearFn.apply(x, w, b, self.wgrad_slot)
 
 
+class GroupCounts(Sequence[int]):
+    """Rows per group (expert) of a grouped GEMM, kept on the device; read to the host lazily.
+
+    The grouped-GEMM kernel only needs the group offsets, which stay on the device
+    (`offsets_G`); the per-expert loop (the fallback and the reference) needs Python ints, which
+    the first `host` read gets (one device-to-host copy, a host synchronisation on a GPU) and
+    caches, so the two GEMMs of an expert MLP and their backward share one read. A dispatcher
+    that already has the counts on the host (the expert-parallel one, after its split-size
+    exchange) passes them in and no read ever happens. A plain list of ints works wherever a
+    `GroupCounts` does (`as_group_counts`).
+
+    Shapes: G groups.
+    """
+
+    __slots__ = ("_dev_G", "_host", "_offs_G")
+
+    def __init__(self, counts_G: torch.Tensor | None = None, *, host: list[int] | None = None) -> None:
+        if counts_G is None and host is None:
+            raise ValueError("GroupCounts needs the counts on the device or on the host")
+        self._dev_G = counts_G
+        self._host = host
+        self._offs_G: dict[torch.device, torch.Tensor] = {}
+
+    def device_counts(self, device: torch.device) -> torch.Tensor:
+        """The counts as an int64 tensor on `device` (host counts are copied there, not read back)."""
+        if self._dev_G is None:
+            assert self._host is not None
+            self._dev_G = torch.tensor(self._host, dtype=torch.long, device=device)
+        return self._dev_G.to(device)
+
+    def offsets_G(self, device: torch.device) -> torch.Tensor:
+        """End offset of every group, int32 on `device` (what `torch._grouped_mm` takes)."""
+        if device not in self._offs_G:
+            self._offs_G[device] = self.device_counts(device).cumsum(0).to(torch.int32)
+        return self._offs_G[device]
+
+    @property
+    def host(self) -> list[int]:
+        """The counts as Python ints: one read of the device counts the first time, then cached."""
+        if self._host is None:
+            assert self._dev_G is not None
+            self._host = self._dev_G.tolist()
+        return self._host
+
+    def __len__(self) -> int:  # no read: the number of groups is a shape
+        return len(self._host) if self._host is not None else int(self._dev_G.shape[0])  # type: ignore[union-attr]
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[int]: ...
+    def __getitem__(self, i: int | slice) -> int | list[int]:
+        return self.host[i]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.host)
+
+    def __repr__(self) -> str:
+        return f"GroupCounts({self._host if self._host is not None else self._dev_G})"
+
+
+def as_group_counts(counts: Sequence[int]) -> GroupCounts:
+    return counts if isinstance(counts, GroupCounts) else GroupCounts(host=list(counts))
+
+
 class _GroupedMM(torch.autograd.Function):
     """y[rows of e] = x[rows of e] @ w[e]^T for contiguous row groups, without cat/stack copies.
 
@@ -147,8 +212,9 @@ class _GroupedMM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int],  # type: ignore[override]
+    def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, groups: GroupCounts,  # type: ignore[override]
                 slot: WeightGradSlot | None = None) -> torch.Tensor:
+        counts = groups.host  # the loop needs Python ints: the layer's one host read (cached on `groups`)
         y_NO = x_NI.new_empty(x_NI.shape[0], w_EOI.shape[1])
         cast = w_EOI.dtype != x_NI.dtype
         w_cast: list[torch.Tensor] = []  # the low-precision weights, kept for backward as F.linear does
@@ -217,13 +283,13 @@ def grouped_kernel_usable(x_NI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
 class _GroupedKernelMM(torch.autograd.Function):
     """The same product as `_GroupedMM` in three `torch._grouped_mm` calls (forward, input and
     weight gradient), no Python loop over experts; the group offsets are made on the device from
-    the counts. A weight stack in another dtype than x (bf16 autocast over FP32 master weights)
-    is cast once per call."""
+    the counts, which are never read back to the host. A weight stack in another dtype than x
+    (bf16 autocast over FP32 master weights) is cast once per call."""
 
     @staticmethod
-    def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int],  # type: ignore[override]
+    def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, groups: GroupCounts,  # type: ignore[override]
                 slot: WeightGradSlot | None = None) -> torch.Tensor:
-        offs = torch.tensor(counts, device=x_NI.device).cumsum(0).to(torch.int32)
+        offs = groups.offsets_G(x_NI.device)
         w_low = w_EOI if w_EOI.dtype == x_NI.dtype else w_EOI.to(x_NI.dtype)
         ctx.save_for_backward(x_NI, w_low, offs)
         ctx.w_dtype, ctx.slot = w_EOI.dtype, slot
@@ -253,9 +319,12 @@ def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int], *, kernel: bool | None = None,
+def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: Sequence[int], *, kernel: bool | None = None,
                slot: WeightGradSlot | None = None) -> torch.Tensor:
     """Row-grouped matmul: expert e multiplies its contiguous slice of rows by w[e]^T.
+
+    `counts`: rows per expert, a list or a `GroupCounts` (device counts: the kernel path then
+    never synchronises with the host; the loop reads them once).
 
     `kernel`: run `torch._grouped_mm` (True), the per-expert loop (False, the reference), or the
     kernel where `grouped_kernel_usable` says it can (None).
@@ -270,7 +339,7 @@ def grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int], *, ke
         kernel = grouped_kernel_usable(x_NI, w_EOI)
     # the weights are cast inside; autocast must not cast them again
     with torch.autocast(x_NI.device.type, enabled=False):
-        return (_GroupedKernelMM if kernel else _GroupedMM).apply(x_NI, w_EOI, counts, slot)
+        return (_GroupedKernelMM if kernel else _GroupedMM).apply(x_NI, w_EOI, as_group_counts(counts), slot)
 
 
 class GroupedLinear(nn.Module):
@@ -290,7 +359,7 @@ class GroupedLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight.view(-1, in_features), a=math.sqrt(5))
         self.wgrad_slot = WeightGradSlot(self)
 
-    def forward(self, x_NI: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, x_NI: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         assert len(counts) == self.num, (len(counts), self.num)
         return grouped_mm(x_NI, self.weight, counts, slot=self.wgrad_slot)
 

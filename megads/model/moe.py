@@ -22,6 +22,8 @@ Shapes: B batch, T sequence, N = B*T tokens, D hidden, K top-k, M dispatched row
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,7 +48,8 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = factory.grouped(num_experts, hidden_size, 2 * intermediate_size)
         self.down_proj = factory.grouped(num_experts, intermediate_size, hidden_size)
 
-    def forward(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, x_MD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """`counts`: rows per expert (a `GroupCounts` keeps them on the device)."""
         gate_MI, up_MI = self.gate_up_proj(x_MD, counts).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate_MI) * up_MI, counts)
 
@@ -81,7 +84,7 @@ class MoE(nn.Module):
         return self.dispatcher.dispatch(self.dispatch_input(x_BTD), routing.topk_idx_NK)
 
     def experts_forward(self, dispatched: DispatchResult) -> torch.Tensor:
-        return self.experts(dispatched.x_MD, dispatched.counts)
+        return self.experts(dispatched.x_MD, dispatched.groups)
 
     def shared_forward(self, x_BTD: torch.Tensor) -> torch.Tensor | None:
         return self.shared_experts(x_BTD) if self.shared_experts is not None else None

@@ -77,7 +77,11 @@ class Router(nn.Module):
             expert_mask_NE = group_mask_NG.unsqueeze(-1).expand(N, self.n_group, per_group).reshape(N, self.n_experts)
             choice_NE = choice_NE.masked_fill(expert_mask_NE == 0, float("-inf"))
             topk_idx_NK = choice_NE.topk(self.top_k, dim=-1, sorted=False)[1]
-            self.tokens_per_expert += torch.bincount(topk_idx_NK.flatten(), minlength=self.n_experts).float()
+            # bincount's output size depends on the largest id (a host read on a GPU); the same
+            # integer counts by a scatter-add into E slots stay on the device
+            flat = topk_idx_NK.flatten()
+            counts_E = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+            self.tokens_per_expert += counts_E.float()
         weight_NK = scores_NE.gather(1, topk_idx_NK)
         if self.norm_topk_prob:
             weight_NK = weight_NK / (weight_NK.sum(-1, keepdim=True) + 1e-20)

@@ -7,7 +7,9 @@ Rank r of an ep group of size P holds experts [r*E/P, (r+1)*E/P) of every MoE la
     dispatch (token, k) pairs, N*K of them:
       1. stable sort of the pairs by global expert id -> rows grouped by destination rank, then
          by that rank's local expert
-      2. exchange of per-(rank, local expert) counts (an all-to-all of P x E/P integers)
+      2. exchange of per-(rank, local expert) counts (an all-to-all of P x E/P integers), read
+         back to the host once: the layer's only host synchronisation (the uneven all-to-alls
+         need their split sizes as Python ints), shared by combine and both backwards
       3. `all_to_all_single` of the rows with uneven splits (autograd: backward = reverse all-to-all)
       4. received rows come grouped (source rank, local expert); permute them to
          (local expert, source rank) so each local expert runs once on a contiguous slice
@@ -44,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megads.model.dispatch import DispatchResult
+from megads.model.linear import GroupCounts
 from megads.model.moe import MoE
 
 
@@ -147,13 +150,13 @@ class DispatchHandle:
     rows_MD: torch.Tensor  # received rows, (source rank, local expert) order; valid after the wait
     pending: _Pending
     perm_M: torch.Tensor  # received row order -> (local expert, source rank) order
-    counts: list[int]
+    groups: GroupCounts  # rows per local expert, on the device and (from the split exchange) the host
     state: dict[str, Any]
 
     def wait(self) -> DispatchResult:
         self.pending.wait()
         x_MD = self.rows_MD.index_select(0, self.perm_M)
-        return DispatchResult(x_MD=x_MD, counts=self.counts, state=self.state)
+        return DispatchResult(x_MD=x_MD, groups=self.groups, state=self.state)
 
 
 @dataclass
@@ -230,25 +233,36 @@ class AllToAllDispatcher:
     def dispatch_start(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor) -> DispatchHandle:
         N, K = topk_idx_NK.shape
         P, L = self.ep_size, self.num_local_experts
+        dev = topk_idx_NK.device
         flat_S = topk_idx_NK.reshape(-1)
-        sort_S = torch.argsort(flat_S, stable=True)
+        expert_S, sort_S = torch.sort(flat_S, stable=True)
         unsort_S = torch.empty_like(sort_S)
-        unsort_S[sort_S] = torch.arange(sort_S.numel(), device=sort_S.device)
-        send_counts_PL = torch.bincount(flat_S, minlength=self.num_experts).view(P, L)
+        unsort_S[sort_S] = torch.arange(sort_S.numel(), device=dev)
+        # rows per global expert from the sorted ids (no bincount: its output size is a host read)
+        ends_E = torch.searchsorted(expert_S, torch.arange(1, self.num_experts + 1, device=dev))
+        send_counts_PL = torch.diff(ends_E, prepend=ends_E.new_zeros(1)).view(P, L)
         recv_counts_PL = torch.empty_like(send_counts_PL)
         # counts: row p of send_counts goes to rank p; received row p came from rank p.
         dist.all_to_all_single(recv_counts_PL.view(-1), send_counts_PL.reshape(-1).contiguous(), group=self.group)
-        send_counts = send_counts_PL.tolist()
-        recv_counts = recv_counts_PL.tolist()
+        # The one host read of the layer: all_to_all_single needs its split sizes as Python ints
+        # (so does the dropless receive buffer's size). Both directions' counts and the node
+        # diagnostics come back in one copy; combine and the two backward exchanges reuse them.
+        nodes = self.ranks_per_node < self.ep_size and N > 0  # on one node every token reaches exactly one
+        host_parts = [send_counts_PL.reshape(-1), recv_counts_PL.reshape(-1)]
+        if nodes:
+            nodes_N = self.nodes_reached(topk_idx_NK)
+            host_parts.append(torch.stack([nodes_N.max(), nodes_N.sum()]).to(send_counts_PL.dtype))
+        host = torch.cat(host_parts).tolist()
+        send_counts = [host[p * L:(p + 1) * L] for p in range(P)]
+        recv_counts = [host[P * L + p * L:P * L + (p + 1) * L] for p in range(P)]
         in_splits = [sum(r) for r in send_counts]
         out_splits = [sum(r) for r in recv_counts]
         self.sent_rows += sum(in_splits)
         self.sent_remote_rows += sum(in_splits) - in_splits[self.ep_rank]
         self.tokens_dispatched += N
-        if N and self.ranks_per_node < self.ep_size:  # on one node every token reaches exactly one
-            nodes_N = self.nodes_reached(topk_idx_NK)
-            self.max_nodes_per_token = max(self.max_nodes_per_token, int(nodes_N.max()))
-            self.nodes_reached_sum += int(nodes_N.sum())
+        if nodes:
+            self.max_nodes_per_token = max(self.max_nodes_per_token, host[2 * P * L])
+            self.nodes_reached_sum += host[2 * P * L + 1]
         elif N:
             self.max_nodes_per_token = max(self.max_nodes_per_token, 1)
             self.nodes_reached_sum += N
@@ -259,16 +273,17 @@ class AllToAllDispatcher:
         rows_MD, pending = all_to_all_rows(x_SD, out_splits=out_splits, in_splits=in_splits, group=self.group,
                                            on_wait=self._waited, codec=codec)
         # Received blocks are (source p, local expert l) with recv_counts[p][l] rows; sort by (l, p).
-        recv_PL = torch.tensor(recv_counts, dtype=torch.long, device=x_ND.device)
-        key_PL = torch.arange(L, device=x_ND.device).unsqueeze(0) * P + torch.arange(P, device=x_ND.device).unsqueeze(1)
-        key_M = torch.repeat_interleave(key_PL.reshape(-1), recv_PL.reshape(-1))
+        # Built from the device counts (a tensor made from the host lists would be a host-to-device
+        # copy, itself synchronous); output_size spares repeat_interleave a read of its length.
+        key_PL = torch.arange(L, device=dev).unsqueeze(0) * P + torch.arange(P, device=dev).unsqueeze(1)
+        key_M = torch.repeat_interleave(key_PL.reshape(-1), recv_counts_PL.reshape(-1), output_size=sum(out_splits))
         perm_M = torch.argsort(key_M, stable=True)
-        counts = recv_PL.sum(0).tolist()
+        groups = GroupCounts(recv_counts_PL.sum(0), host=[sum(c) for c in zip(*recv_counts)])
         state = {
             "N": N, "K": K, "sort_S": sort_S, "unsort_S": unsort_S, "perm_M": perm_M,
             "in_splits": in_splits, "out_splits": out_splits,
         }
-        return DispatchHandle(rows_MD=rows_MD, pending=pending, perm_M=perm_M, counts=counts, state=state)
+        return DispatchHandle(rows_MD=rows_MD, pending=pending, perm_M=perm_M, groups=groups, state=state)
 
     def dispatch(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor) -> DispatchResult:
         return self.dispatch_start(x_ND, topk_idx_NK).wait()

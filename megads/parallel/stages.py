@@ -212,6 +212,10 @@ class DeepseekStage(StageBase):
         self.grad_scale = grad_scale
         self.device = torch.device(device)
         self.dtype = next(model.parameters()).dtype
+        # Activations (and their gradients) cross pipeline stages in the autocast dtype: the next
+        # stage's first GEMMs cast them to it anyway; only the residual stream is rounded once at
+        # the boundary (it continues in self.dtype there). Half the point-to-point bytes under bf16.
+        self.p2p_dtype = autocast_dtype or self.dtype
         self._microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._m = 1
         self._tapes: dict[tuple[int, int], Tape] = {}
@@ -268,7 +272,7 @@ class DeepseekStage(StageBase):
         assert self._microbatches is not None
         ids = self._microbatches[mb][0]
         rows = ids.shape[1] // (self.context.size if self.context is not None else 1)  # this rank's rows
-        return TensorMeta((ids.shape[0], rows, self.model.cfg.hidden_size), self.dtype)
+        return TensorMeta((ids.shape[0], rows, self.model.cfg.hidden_size), self.p2p_dtype)
 
     def input_meta(self, chunk: int, mb: int) -> TensorMeta:
         return self._meta(mb)
@@ -341,15 +345,15 @@ class DeepseekStage(StageBase):
             h_BTD = m.embed(rows_ids_BT)
         else:
             assert x is not None
-            h_BTD = x.requires_grad_(True)
-            tape.add_input(h_BTD)
+            tape.add_input(x.requires_grad_(True))
+            h_BTD = x.to(self.dtype)  # received in p2p_dtype; the residual stream goes on in self.dtype
         c = ChunkCarry(h_BTD=h_BTD, balance=h_BTD.new_zeros((), dtype=torch.float32))
         for i in spec.layers:
             c, b = yield from self._block_steps(tape, m.layers[str(i)], c, rope=rope)
             c.balance = c.balance + b
         if not spec.last:
             self.stats[2] += float(c.balance.detach())
-            h_BTD = c.h_BTD.to(self.dtype)  # the receive buffers of the next stage have the parameters' dtype
+            h_BTD = c.h_BTD.to(self.p2p_dtype)  # the receive buffers of the next stage have this dtype
             tape.finish([h_BTD] + ([c.balance] if c.balance.requires_grad else []))
             self._tapes[(chunk, mb)] = tape
             return h_BTD
