@@ -4,6 +4,7 @@ Parallelism is applied to the single-device model in one fixed order:
 
     1. plan_layout (numbers only)  2. ParallelMesh.build (groups)
     3. build_stage_model (this rank's pieces and expert shard only, built on the meta device)
+    3b. compile (optional, per block piece), then recompute (optional)
     4. shard_experts (ep: the all-to-all dispatchers)          5. DeepseekStage (overlap_fb chooses the segmented F&B) + PipelineRuntime
     6. Zero1AdamW (dp / edp / embed groups)
 
@@ -34,6 +35,7 @@ from megads.model.config import ModelConfig
 from megads.model.linear import LinearFactory
 from megads.model.recompute import apply_recompute
 from megads.model.router import Router
+from megads.parallel.compile import apply_compile
 from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules, shard_experts
 from megads.parallel.mesh import LayoutPlan, ParallelMesh
 from megads.parallel.stages import DeepseekStage, build_stage_model, embedding_ranks, piece_specs, rank_pieces
@@ -134,6 +136,7 @@ class ParallelExecutor:
         loss_chunk_tokens: int = 0,
         recompute: str = "none",
         linear_factory: LinearFactory | None = None,
+        compile: bool | str = False,
     ) -> None:
         """`overlap_fb`: the stage cuts its graph at the expert all-to-alls and its F&B actions
         overlap them with the other chunk's compute (`DeepseekStage(overlap=True)`); `stage_cls`
@@ -141,7 +144,9 @@ class ParallelExecutor:
         see `build_stage_model` (False: uninitialised parameters, for a load or a measurement).
         `loss_chunk_tokens`: the cross entropies in chunks (megads.model.loss; 0 = whole);
         `recompute`: activation recomputation none | selective | full (megads.model.recompute).
-        `linear_factory`: the backend of every GEMM layer (megads.model.linear; FP8: megads.model.fp8)."""
+        `linear_factory`: the backend of every GEMM layer (megads.model.linear; FP8: megads.model.fp8).
+        `compile`: torch.compile every transformer block's pieces (megads.parallel.compile); True
+        is the inductor backend, a string names another (the tests' `aot_eager`)."""
         self.cfg = cfg
         self.overlap_fb = overlap_fb
         self.stage_cls = stage_cls
@@ -164,6 +169,8 @@ class ParallelExecutor:
         self.model = build_stage_model(cfg, specs=self.specs, seed=seed, dtype=dtype, device=self.device,
                                        ep_size=mesh.ep, ep_rank=mesh.ep_rank, init=init, factory=linear_factory)
         self.model.loss_chunk_tokens = loss_chunk_tokens
+        if compile:  # before recompute: the checkpointed pieces are then the compiled ones
+            apply_compile(self.model, backend="inductor" if compile is True else compile)
         apply_recompute(self.model, recompute)
         self.expert_names = expert_names = set(
             shard_experts(self.model, group=mesh.ep_group, ep_size=mesh.ep, ep_rank=mesh.ep_rank,

@@ -1,0 +1,97 @@
+"""`compile: true`: torch.compile applied to every transformer block from outside, piece by piece.
+
+torchtitan compiles each transformer block as one unit (`torch.compile(block, fullgraph=True)`).
+Two things of ours do not fit that unit, so the block is compiled as the pieces a pipeline stage
+calls (`megads.parallel.stages.DeepseekStage._block_steps`, `TransformerBlock.forward` alike):
+
+    compiled (one graph each)                   eager
+    input / post-attention RMSNorm              every GEMM layer (`Linear`, `GroupedLinear`)
+    MLA: rope, concatenations, SDPA, reshapes   the routed experts (`RoutedExperts`), the dispatch
+    SwiGLU of the dense MLP / shared experts    and combine (all-to-all, `.tolist()` of counts)
+    the router (sigmoid, group-limited top-k,   the residual adds between pieces
+      balance loss, token counts)
+    the MoE's gate-weighted combine
+
+* The expert all-to-alls sit *between* pieces: the F&B overlap (`overlap_fb`) cuts a MoE block's
+  graph at both exchanges and interleaves two chunks there, so a graph spanning a whole MoE block
+  could not exist; at piece granularity the cuts fall between compiled graphs, never inside one.
+* The GEMM layers run eagerly (`torch.compiler.disable` on their forward, the one graph break per
+  GEMM). Their custom autograd functions hand the weight gradient to a `WeightGradStash` when the
+  B of a B/W split runs (`megads.model.linear.deferring`); the stash is consulted in the
+  *backward*, at run time. AOTAutograd traces a backward once, when the stash is empty, so a
+  compiled GEMM would bake "weight gradient now" into the graph and the B of zb1p / DualPipe(V)
+  would silently drop every weight gradient (its W would find nothing). Eager GEMMs keep the
+  split exact; the GEMMs are library calls (MKL / cuBLAS) either way, what compile fuses is the
+  elementwise and normalisation work around them.
+* The routed experts take their per-expert row counts as a Python list that changes every step:
+  a graph over them would recompile each step. They stay eager (one grouped GEMM each, item 1).
+
+The pieces are compiled by replacing the module's `forward` (or the block's / MoE's method) with
+an instance attribute, so parameter names, state dicts and checkpoints do not change. Apply it
+*before* activation recomputation (`megads.model.recompute` then checkpoints the compiled pieces).
+Dynamo keys its cache by code object and, inlining nn.Modules, makes the parameters graph inputs:
+all blocks of one kind share one compiled graph per input shape (the MTP block's T-1 tokens add a
+dynamic-shape variant).
+
+Exactness: the compiled pieces compute the same functions with fused kernels; losses and
+gradients agree with eager within float32 rounding (tests/test_compile.py, 1e-5).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from megads.model.block import TransformerBlock
+from megads.model.linear import deferrable_layers
+from megads.model.mlp import MLP
+from megads.model.moe import MoE
+from megads.model.norm import RMSNorm
+
+BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def _compiled(fn: Any, backend: str) -> Any:
+    out = torch.compile(fn, backend=backend)
+    out.__wrapped__ = fn  # type: ignore[attr-defined]
+    return out
+
+
+def _compile_forward(module: nn.Module, backend: str) -> int:
+    if "forward" in vars(module):  # once (or already wrapped by someone else: leave it)
+        return 0
+    module.forward = _compiled(module.forward, backend)  # type: ignore[method-assign]
+    return 1
+
+
+def apply_compile(model: nn.Module, *, backend: str = "inductor") -> int:
+    """Compile the pieces of every transformer block of `model` (main layers and MTP blocks) and
+    keep its GEMM layers eager (see the module docstring); returns the number of pieces compiled.
+
+    `backend`: torch.compile's backend (`inductor` for training; `aot_eager` traces through
+    Dynamo and AOTAutograd without generating code, what the fast tests use).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"compile backend {backend!r} must be one of {list(BACKENDS)}")
+    for layer in deferrable_layers(model):
+        if "forward" not in vars(layer):
+            layer.forward = torch.compiler.disable(layer.forward)  # type: ignore[method-assign]
+    count = 0
+    for block in [m for m in model.modules() if isinstance(m, TransformerBlock)]:
+        for norm in (block.input_layernorm, block.post_attention_layernorm):
+            assert isinstance(norm, RMSNorm)
+            count += _compile_forward(norm, backend)
+        count += _compile_forward(block.self_attn, backend)
+        mlp = block.mlp
+        if isinstance(mlp, MLP):
+            count += _compile_forward(mlp, backend)
+        elif isinstance(mlp, MoE):
+            count += _compile_forward(mlp.gate, backend)
+            if mlp.shared_experts is not None:
+                count += _compile_forward(mlp.shared_experts, backend)
+            if "combine_output" not in vars(mlp):
+                mlp.combine_output = _compiled(mlp.combine_output, backend)  # type: ignore[method-assign]
+                count += 1
+    return count
