@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from megads.pipeline.schedules import min_microbatches
 
 from megads.model.config import ModelConfig
 from megads.model.linear import WeightGradStash, deferrable_layers, deferring
@@ -24,7 +25,6 @@ from megads.model.recompute import apply_recompute
 from megads.model.transformer import DeepseekV3
 from megads.parallel.compile import apply_compile
 from megads.parallel.executor import OptimSettings
-from megads.pipeline.schedules import min_microbatches
 from megads.testing.parallel import one_thread, spawn, tiny_config
 from megads.testing.schedule_check import (
     ScheduleCase,

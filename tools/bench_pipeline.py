@@ -387,7 +387,8 @@ class _TorchPiece(torch.nn.Module):
         return y, bal + own  # a fresh [1] tensor, not a view: torch detaches stage outputs in place
 
 
-def _real_worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
+def _real_preset(preset: str, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Both schedules on one model preset, alternately, step after step (see part 4)."""
     from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
 
     from megads.parallel.executor import ParallelExecutor
@@ -395,75 +396,78 @@ def _real_worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str
     from megads.parallel.stages import DeepseekStage, rank_pieces
     from tools.count_params import load_preset
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
     pp, ep = 2, 2
     m_total, T, mtp_weight = cfg["microbatches"], cfg["seq_len"], 0.3
+    mcfg = load_preset(preset)
+    plan = plan_layout(world_size=world, pp=pp, ep=ep, num_layers=mcfg.num_hidden_layers,
+                       n_routed_experts=mcfg.n_routed_experts, n_group=mcfg.n_group,
+                       topk_group=mcfg.topk_group, pieces_per_rank=2)
+    mesh = ParallelMesh.build(plan)
+    ex = ParallelExecutor(mcfg, mesh=mesh, plan=plan, schedule="dualpipev", seed=0, overlap_fb=True)
+    rt, ours = ex._runtime(m_total, mtp_weight=mtp_weight)
+    ours.on_chunk_grads_final = None  # no ZeRO-1 reduction inside the timed step: torch has none
+    # the same modules, torch's schedule: one PipelineStage per piece (V: pieces r and 2pp-1-r)
+    plain = DeepseekStage(ex.model, layout=ours.layout, rank=mesh.pp_rank, specs=ex.specs,
+                          pp_group=mesh.pp_group, mtp_weight=mtp_weight, grad_scale=1.0, overlap=False)
+    g = torch.Generator().manual_seed(100 + mesh.dp_rank)  # each data-parallel replica its own batch
+    tok = torch.randint(0, mcfg.vocab_size, (m_total, T + 1), generator=g)
+    ids_MT, labels_MT = tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
+    mbs = [(ids_MT[i : i + 1], labels_MT[i : i + 1]) for i in range(m_total)]
+    # examples of what crosses between pieces (torch makes a received tensor require a gradient
+    # when its example does)
+    h = torch.zeros(1, T, mcfg.hidden_size, requires_grad=True)
+    bal = torch.zeros(1, requires_grad=True)
+    stages = []
+    for piece in rank_pieces(ours.layout, rank=mesh.pp_rank):
+        chunk = next(c for c in ours.layout.chunks_on(mesh.pp_rank) if ours.layout.chunks[c].piece == piece)
+        first, last = piece == 0, piece == 2 * pp - 1
+        stages.append(PipelineStage(
+            _TorchPiece(plain, chunk), piece, 2 * pp, torch.device("cpu"),
+            input_args=(ids_MT[:1],) if first else (h, bal),
+            output_args=torch.zeros(1) if last else (h, bal), group=mesh.pp_group,
+        ))
+    stages.sort(key=lambda st: st.stage_index)
+    torch_sched = ScheduleDualPipeV(stages, m_total, loss_fn=lambda out, target: out.sum())
+    holds_first = any(st.stage_index == 0 for st in stages)
+    holds_last = any(st.stage_index == 2 * pp - 1 for st in stages)
+
+    def run_ours() -> float:
+        rt.step(mbs)
+        s = ours.stats.clone()
+        dist.all_reduce(s, group=mesh.pp_group)
+        return float(s[0] + mtp_weight * s[1] + s[2]) / m_total
+
+    def run_torch() -> float:
+        plain.begin_step(microbatches=mbs, num_microbatches=m_total)
+        losses: list[torch.Tensor] = []
+        torch_sched.step(ids_MT if holds_first else None, ids=ids_MT, labels=labels_MT,
+                         target=labels_MT if holds_last else None, losses=losses if holds_last else None)
+        plain._microbatches = None
+        val = torch.tensor([float(torch.stack(losses).mean().detach()) if losses else 0.0], dtype=torch.float64)
+        dist.all_reduce(val, group=mesh.pp_group)
+        return float(val)
+
+    times: dict[str, list[float]] = {"megads": [], "torch": []}
+    loss: dict[str, float] = {}
+    for i in range(cfg["warmup"] + cfg["repeats"]):
+        for name, fn in (("megads", run_ours), ("torch", run_torch)):
+            ex.model.zero_grad(set_to_none=True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss[name] = fn()
+            dt = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the step ends when its last rank does
+            if i >= cfg["warmup"]:
+                times[name].append(float(dt))
+    return {"times": times, "loss": loss, "dp_rank": mesh.dp_rank, "pp_rank": mesh.pp_rank}
+
+
+def _real_worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
     results: dict[str, Any] = {}
     for preset in cfg["models"]:
-        mcfg = load_preset(preset)
-        plan = plan_layout(world_size=world, pp=pp, ep=ep, num_layers=mcfg.num_hidden_layers,
-                           n_routed_experts=mcfg.n_routed_experts, n_group=mcfg.n_group,
-                           topk_group=mcfg.topk_group, pieces_per_rank=2)
-        mesh = ParallelMesh.build(plan)
-        ex = ParallelExecutor(mcfg, mesh=mesh, plan=plan, schedule="dualpipev", seed=0, overlap_fb=True)
-        rt, ours = ex._runtime(m_total, mtp_weight=mtp_weight)
-        ours.on_chunk_grads_final = None  # no ZeRO-1 reduction inside the timed step: torch has none
-        # the same modules, torch's schedule: one PipelineStage per piece (V: pieces r and 2pp-1-r)
-        plain = DeepseekStage(ex.model, layout=ours.layout, rank=mesh.pp_rank, specs=ex.specs,
-                              pp_group=mesh.pp_group, mtp_weight=mtp_weight, grad_scale=1.0, overlap=False)
-        g = torch.Generator().manual_seed(100 + mesh.dp_rank)  # each data-parallel replica its own batch
-        tok = torch.randint(0, mcfg.vocab_size, (m_total, T + 1), generator=g)
-        ids_MT, labels_MT = tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
-        mbs = [(ids_MT[i : i + 1], labels_MT[i : i + 1]) for i in range(m_total)]
-        # examples of what crosses between pieces (torch makes a received tensor require a gradient
-        # when its example does)
-        h = torch.zeros(1, T, mcfg.hidden_size, requires_grad=True)
-        bal = torch.zeros(1, requires_grad=True)
-        stages = []
-        for piece in rank_pieces(ours.layout, rank=mesh.pp_rank):
-            chunk = next(c for c in ours.layout.chunks_on(mesh.pp_rank) if ours.layout.chunks[c].piece == piece)
-            mod = _TorchPiece(plain, chunk)
-            first, last = piece == 0, piece == 2 * pp - 1
-            stages.append(PipelineStage(
-                mod, piece, 2 * pp, torch.device("cpu"),
-                input_args=(ids_MT[:1],) if first else (h, bal),
-                output_args=torch.zeros(1) if last else (h, bal), group=mesh.pp_group,
-            ))
-        stages.sort(key=lambda st: st.stage_index)
-        torch_sched = ScheduleDualPipeV(stages, m_total, loss_fn=lambda out, target: out.sum())
-        holds_first = any(st.stage_index == 0 for st in stages)
-        holds_last = any(st.stage_index == 2 * pp - 1 for st in stages)
-
-        def run_ours() -> float:
-            rt.step(mbs)
-            s = ours.stats.clone()
-            dist.all_reduce(s, group=mesh.pp_group)
-            return float(s[0] + mtp_weight * s[1] + s[2]) / m_total
-
-        def run_torch() -> float:
-            plain.begin_step(microbatches=mbs, num_microbatches=m_total)
-            losses: list[torch.Tensor] = []
-            torch_sched.step(ids_MT if holds_first else None, ids=ids_MT, labels=labels_MT,
-                             target=labels_MT if holds_last else None, losses=losses if holds_last else None)
-            plain._microbatches = None
-            val = torch.tensor([float(torch.stack(losses).mean()) if losses else 0.0], dtype=torch.float64)
-            dist.all_reduce(val, group=mesh.pp_group)
-            return float(val)
-
-        times: dict[str, list[float]] = {"megads": [], "torch": []}
-        loss: dict[str, float] = {}
-        for i in range(cfg["warmup"] + cfg["repeats"]):
-            for name, fn in (("megads", run_ours), ("torch", run_torch)):
-                ex.model.zero_grad(set_to_none=True)
-                dist.barrier()
-                t0 = time.perf_counter()
-                loss[name] = fn()
-                dt = torch.tensor([time.perf_counter() - t0])
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the step ends when its last rank does
-                if i >= cfg["warmup"]:
-                    times[name].append(float(dt))
-        results[preset] = {"times": times, "loss": loss, "dp_rank": mesh.dp_rank, "pp_rank": mesh.pp_rank}
+        results[preset] = _real_preset(preset, world, cfg)
         if rank == 0:
             print(f"  {preset}: done", flush=True)
         dist.barrier()
