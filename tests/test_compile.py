@@ -12,6 +12,7 @@ process.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -103,25 +104,70 @@ def _check_against_eager(backend: str, *, recompute: str = "none") -> None:
                 assert got[2] == _loss_and_grads(eager, ids, labels, split=True)[2] > 0
 
 
-def test_compiled_blocks_match_eager_with_bw_split() -> None:
-    _check_against_eager("aot_eager")
+def _block_grads(block: torch.nn.Module, x_BTD: torch.Tensor, rope: Any, *, split: bool
+                 ) -> tuple[float, dict[str, torch.Tensor], int]:
+    """One block's output (its sum with the balance loss as the loss), input and parameter gradients."""
+    x_BTD = x_BTD.detach().requires_grad_(True)
+    y_BTD, balance = block(x_BTD, rope)
+    loss = (y_BTD * torch.linspace(-1, 1, y_BTD.numel()).view_as(y_BTD)).sum() + balance
+    names = {id(p): n for n, p in block.named_parameters()}
+    layers = deferrable_layers(block)
+    gemm = {id(m.weight) for m in layers}
+    asked = [p for p in block.parameters() if not split or id(p) not in gemm]
+    stash = WeightGradStash()
+    with deferring(layers, stash) if split else contextlib.nullcontext():
+        got = torch.autograd.grad([loss], [x_BTD, *asked], allow_unused=True)
+    deferred = len(stash)
+    grads = {"input": got[0], **{names[id(p)]: g for p, g in zip(asked, got[1:]) if g is not None}}
+    grads.update({names[k]: g for k, g in stash.compute().items()})
+    return float(loss.detach()), grads, deferred
+
+
+def _check_block(recompute: str) -> None:
+    """A MoE block (the MLA, router, shared experts and combine compiled; GEMMs, dispatch and
+    routed experts eager) against the same block run eagerly, one-call backward and B/W split."""
+    cfg = _cfg()
+    g = torch.Generator().manual_seed(3)
+    x_BTD = torch.randn(2, 12, cfg.hidden_size, generator=g)
+    with one_thread():
+        eager, compiled = _model(cfg), _model(cfg)
+        rope = eager.rope(12, device=x_BTD.device, dtype=x_BTD.dtype)
+        eager_block, block = eager.layers["1"], compiled.layers["1"]
+        assert apply_compile(block, backend="aot_eager") == 6  # 2 norms, MLA, router, shared experts, combine
+        assert hasattr(block.self_attn.forward, "_torchdynamo_orig_callable")
+        apply_recompute(eager_block, recompute)
+        apply_recompute(block, recompute)
+        ref = _block_grads(eager_block, x_BTD, rope, split=False)
+        for split in (False, True):
+            got = _block_grads(block, x_BTD, rope, split=split)
+            _assert_close(ref, got)
+            if split:  # every GEMM layer use handed its weight gradient to the stash
+                assert got[2] == _block_grads(eager_block, x_BTD, rope, split=True)[2] > 0
+
+
+def test_compiled_moe_block_matches_eager_with_bw_split() -> None:
+    _check_block("none")
 
 
 def test_compile_composes_with_recompute() -> None:
     """Compiled pieces under `memory.recompute=selective`: the checkpoints wrap the compiled
     attention and SwiGLU pieces; the numbers stay eager's."""
-    cfg = _cfg()
-    model = _model(cfg)
+    model = _model(_cfg())
     apply_compile(model, backend="aot_eager")
     apply_recompute(model, "selective")
     mla = model.layers["0"].self_attn
-    assert getattr(mla.forward, "recomputed", False) and hasattr(mla.forward.__wrapped__, "__wrapped__")
-    _check_against_eager("aot_eager", recompute="selective")
+    assert getattr(mla.forward, "recomputed", False) and hasattr(mla.forward.__wrapped__, "_torchdynamo_orig_callable")
+    _check_block("selective")
 
 
 def test_apply_compile_rejects_unknown_backend() -> None:
     with pytest.raises(ValueError, match="compile backend"):
         apply_compile(_model(_cfg()), backend="tensorrt")
+
+
+@pytest.mark.slow  # the whole model traced (dense + MoE blocks, the MTP block's T-1 shapes): a minute
+def test_compiled_model_matches_eager_with_bw_split() -> None:
+    _check_against_eager("aot_eager")
 
 
 @pytest.mark.slow  # inductor's C++ compilation: minutes on 2 cores; the aot_eager test above covers the tracing
@@ -165,3 +211,41 @@ def test_pp2_ep2_compiled_aot_eager_matches_one_process(tmp_path: Path) -> None:
 @pytest.mark.slow  # 4 ranks compiling with inductor on 2 cores: several minutes
 def test_pp2_ep2_compiled_inductor_matches_one_process(tmp_path: Path) -> None:
     _run_ranks("inductor", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# the config field
+
+
+def _train_config(*overrides: str) -> Any:
+    from hydra import compose, initialize_config_dir
+
+    from megads.train.config import register_configs, to_train_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
+        return to_train_config(compose("config", overrides=list(overrides)))
+
+
+def test_compile_config_field_validates_and_reaches_the_executor(monkeypatch: pytest.MonkeyPatch) -> None:
+    import megads.train.trainer as trainer
+    from megads.train.config import ConfigError, validate_config
+
+    assert _train_config().compile is False
+    cfg = _train_config("compile=true", "device=cpu")
+    validate_config(cfg, world_size=4)  # g++ is on this machine
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(ConfigError, match="compile=true on a CPU needs a C\\+\\+ compiler"):
+        validate_config(cfg, world_size=4)
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="compile"):  # typed: a bool
+        _train_config("compile=sometimes")
+    # build_executor hands the field to the executor, which compiles before it recomputes
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(trainer, "ParallelExecutor", lambda *a, **k: seen.update(k))
+    monkeypatch.setattr(trainer.ParallelMesh, "build", staticmethod(lambda *a, **k: None))
+    env = trainer.DistEnv(rank=0, world_size=4, local_rank=0, local_world_size=4, master_addr="", master_port=0,
+                          source="single")
+    trainer.build_executor(cfg, env=env, device=torch.device("cpu"), autocast_dtype=None)
+    assert seen["compile"] is True
