@@ -448,18 +448,22 @@ def _real_preset(preset: str, world: int, cfg: dict[str, Any]) -> dict[str, Any]
         return float(val)
 
     times: dict[str, list[float]] = {"megads": [], "torch": []}
+    cpu: dict[str, list[float]] = {"megads": [], "torch": []}
     loss: dict[str, float] = {}
     for i in range(cfg["warmup"] + cfg["repeats"]):
         for name, fn in (("megads", run_ours), ("torch", run_torch)):
             ex.model.zero_grad(set_to_none=True)
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss[name] = fn()
             dt = torch.tensor([time.perf_counter() - t0])
+            dc = torch.tensor([time.process_time() - c0])
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the step ends when its last rank does
+            dist.all_reduce(dc)  # CPU seconds of all ranks: the work, whatever else loads the machine
             if i >= cfg["warmup"]:
                 times[name].append(float(dt))
-    return {"times": times, "loss": loss, "dp_rank": mesh.dp_rank, "pp_rank": mesh.pp_rank}
+                cpu[name].append(float(dc))
+    return {"times": times, "cpu": cpu, "loss": loss, "dp_rank": mesh.dp_rank, "pp_rank": mesh.pp_rank}
 
 
 def _real_worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
@@ -485,15 +489,18 @@ def _report_real(gathered: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[st
         per_rank = [g[preset] for g in gathered]
         times = per_rank[0]["times"]  # world maxima: the same on every rank
         med = {k: statistics.median(v) for k, v in times.items()}
+        cpu = {k: statistics.median(v) for k, v in per_rank[0]["cpu"].items()}
         # loss of each data-parallel replica's batch, as the pipeline rank holding the head saw it
         losses = {r["dp_rank"]: r["loss"] for r in per_rank if r["pp_rank"] == 0}
         worst = max(abs(v["megads"] - v["torch"]) / abs(v["torch"]) for v in losses.values())
         report[preset] = {"median_s": med, "ratio": med["megads"] / med["torch"], "all_s": times,
+                          "median_cpu_s": cpu, "cpu_ratio": cpu["megads"] / cpu["torch"],
                           "losses": losses, "loss_rel_diff": worst}
         print(f"{preset}: pp 2 x ep 2, {cfg['microbatches']} micro-batches of 1 x {cfg['seq_len']} tokens per "
               f"replica: megads DualPipeV (overlapped F&B) {med['megads'] * 1e3:.0f} ms, torch ScheduleDualPipeV "
               f"{med['torch'] * 1e3:.0f} ms per step (median of {len(times['torch'])}); "
-              f"megads / torch = {med['megads'] / med['torch']:.3f}")
+              f"megads / torch = {med['megads'] / med['torch']:.3f}; CPU seconds of the 4 ranks per step "
+              f"{cpu['megads']:.2f} vs {cpu['torch']:.2f}: {cpu['megads'] / cpu['torch']:.3f}")
         for dp, v in sorted(losses.items()):
             print(f"  replica {dp} loss: megads {v['megads']:.6f}, torch {v['torch']:.6f}")
         print(f"  loss relative difference {worst:.1e}")
