@@ -160,6 +160,40 @@ def test_compile_composes_with_recompute() -> None:
     _check_block("selective")
 
 
+def test_gemms_in_graph_refuse_a_split() -> None:
+    """`eager_gemms=False`: a B/W split on that model raises instead of losing the weight gradients."""
+    block = _model(_cfg()).layers["1"]
+    apply_compile(block, backend="aot_eager", eager_gemms=False)
+    with pytest.raises(RuntimeError, match="B/W split"), deferring(deferrable_layers(block), WeightGradStash()):
+        pass
+
+
+@pytest.mark.slow  # a second trace of the block (half a minute on a loaded 2-core machine)
+def test_gemms_in_graph_match_eager_and_refuse_a_split() -> None:
+    """`eager_gemms=False` (schedules without a B/W split): the GEMMs traced into the graphs, the
+    same numbers; a B/W split on that model raises instead of losing the weight gradients."""
+    cfg = _cfg()
+    x_BTD = torch.randn(2, 12, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    with one_thread():
+        eager, compiled = _model(cfg), _model(cfg)
+        rope = eager.rope(12, device=x_BTD.device, dtype=x_BTD.dtype)
+        block = compiled.layers["1"]
+        apply_compile(block, backend="aot_eager", eager_gemms=False)
+        assert "forward" not in vars(block.self_attn.q_a_proj)  # traced, not disabled
+        _assert_close(_block_grads(eager.layers["1"], x_BTD, rope, split=False),
+                      _block_grads(block, x_BTD, rope, split=False))
+        with pytest.raises(RuntimeError, match="B/W split"):
+            _block_grads(block, x_BTD, rope, split=True)
+
+
+def test_executor_keeps_gemms_eager_exactly_for_split_schedules() -> None:
+    from megads.parallel.executor import splits_backward
+
+    assert [s for s in ("1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev") if splits_backward(s, pp=2)] == [
+        "zb1p", "dualpipe", "dualpipev"]
+    assert not splits_backward("dualpipev", pp=1)  # no pipeline: one full backward per micro-batch
+
+
 def test_apply_compile_rejects_unknown_backend() -> None:
     with pytest.raises(ValueError, match="compile backend"):
         apply_compile(_model(_cfg()), backend="tensorrt")

@@ -15,14 +15,17 @@ calls (`megads.parallel.stages.DeepseekStage._block_steps`, `TransformerBlock.fo
 * The expert all-to-alls sit *between* pieces: the F&B overlap (`overlap_fb`) cuts a MoE block's
   graph at both exchanges and interleaves two chunks there, so a graph spanning a whole MoE block
   could not exist; at piece granularity the cuts fall between compiled graphs, never inside one.
-* The GEMM layers run eagerly (`torch.compiler.disable` on their forward, the one graph break per
-  GEMM). Their custom autograd functions hand the weight gradient to a `WeightGradStash` when the
-  B of a B/W split runs (`megads.model.linear.deferring`); the stash is consulted in the
-  *backward*, at run time. AOTAutograd traces a backward once, when the stash is empty, so a
-  compiled GEMM would bake "weight gradient now" into the graph and the B of zb1p / DualPipe(V)
-  would silently drop every weight gradient (its W would find nothing). Eager GEMMs keep the
-  split exact; the GEMMs are library calls (MKL / cuBLAS) either way, what compile fuses is the
-  elementwise and normalisation work around them.
+* Under a schedule with a B/W split (`eager_gemms=True`: zb1p, DualPipe, DualPipeV) the GEMM
+  layers run eagerly (`torch.compiler.disable` on their forward, the one graph break per GEMM).
+  Their custom autograd functions hand the weight gradient to a `WeightGradStash` when the B of
+  the split runs (`megads.model.linear.deferring`); the stash is consulted in the *backward*, at
+  run time. AOTAutograd traces a backward once, when the stash is empty, so a compiled GEMM would
+  bake "weight gradient now" into the graph and every B would silently drop its weight gradients
+  (W would find nothing). Eager GEMMs keep the split exact; the GEMMs are library calls (MKL /
+  cuBLAS) either way, what compile fuses is the elementwise and normalisation work around them.
+  Without a split (`eager_gemms=False`: one process, 1F1B, interleaved) the GEMMs are traced into
+  the graphs (fewer graph breaks, less Python per step), and their weight-gradient slots refuse a
+  stash, so a B/W split on such a model fails loudly instead of losing gradients.
 * The routed experts take their per-expert row counts as a Python list that changes every step:
   a graph over them would recompile each step. They stay eager (one grouped GEMM each, item 1).
 
@@ -45,7 +48,7 @@ import torch
 from torch import nn
 
 from megads.model.block import TransformerBlock
-from megads.model.linear import deferrable_layers
+from megads.model.linear import WeightGradSlot, deferrable_layers
 from megads.model.mlp import MLP
 from megads.model.moe import MoE
 from megads.model.norm import RMSNorm
@@ -66,18 +69,39 @@ def _compile_forward(module: nn.Module, backend: str) -> int:
     return 1
 
 
-def apply_compile(model: nn.Module, *, backend: str = "inductor") -> int:
-    """Compile the pieces of every transformer block of `model` (main layers and MTP blocks) and
-    keep its GEMM layers eager (see the module docstring); returns the number of pieces compiled.
+class _UndeferrableSlot(WeightGradSlot):
+    """The weight-gradient slot of a GEMM traced into a compiled graph: its backward was traced
+    with "weight gradient now", so a stash can never take effect; setting one is an error."""
+
+    @property  # type: ignore[override]
+    def stash(self) -> None:
+        return None
+
+    @stash.setter
+    def stash(self, value: object) -> None:
+        if value is not None:
+            raise RuntimeError(
+                "a B/W split (deferred weight gradients) on a model compiled with its GEMMs inside the "
+                "graphs: apply_compile(..., eager_gemms=True) for schedules that split B and W")
+
+
+def apply_compile(model: nn.Module, *, backend: str = "inductor", eager_gemms: bool = True) -> int:
+    """Compile the pieces of every transformer block of `model` (main layers and MTP blocks);
+    returns the number of pieces compiled (see the module docstring).
 
     `backend`: torch.compile's backend (`inductor` for training; `aot_eager` traces through
-    Dynamo and AOTAutograd without generating code, what the fast tests use).
+    Dynamo and AOTAutograd without generating code, what the fast tests use). `eager_gemms`: the
+    GEMM layers stay outside the graphs, which a B/W split needs; False traces them in and makes
+    their weight-gradient slots refuse a stash.
     """
     if backend not in BACKENDS:
         raise ValueError(f"compile backend {backend!r} must be one of {list(BACKENDS)}")
     for layer in deferrable_layers(model):
-        if "forward" not in vars(layer):
-            layer.forward = torch.compiler.disable(layer.forward)  # type: ignore[method-assign]
+        if eager_gemms:
+            if "forward" not in vars(layer):
+                layer.forward = torch.compiler.disable(layer.forward)  # type: ignore[method-assign]
+        elif not isinstance(layer.wgrad_slot, _UndeferrableSlot):
+            layer.wgrad_slot = _UndeferrableSlot(layer)
     count = 0
     for block in [m for m in model.modules() if isinstance(m, TransformerBlock)]:
         for norm in (block.input_layernorm, block.post_attention_layernorm):

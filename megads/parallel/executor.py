@@ -40,7 +40,7 @@ from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules, sha
 from megads.parallel.mesh import LayoutPlan, ParallelMesh
 from megads.parallel.stages import DeepseekStage, build_stage_model, embedding_ranks, piece_specs, rank_pieces
 from megads.parallel.zero1 import Zero1AdamW
-from megads.pipeline.actions import Layout
+from megads.pipeline.actions import Layout, Op
 from megads.pipeline.runtime import PipelineRuntime
 from megads.pipeline.schedules import build_schedule, min_microbatches
 
@@ -111,6 +111,16 @@ def global_router_names(cfg: ModelConfig) -> dict[str, int]:
     return names
 
 
+def splits_backward(schedule: str, *, pp: int) -> bool:
+    """Whether `schedule` on pp ranks runs B/W-split backwards (B and W actions: the GEMMs' weight
+    gradients deferred), at its smallest micro-batch count and twice that."""
+    if pp == 1:
+        return False
+    n = min_microbatches(schedule, pp=pp)
+    return any(a.op in (Op.B, Op.W) for m in (n, 2 * n)
+               for acts in build_schedule(schedule, pp=pp, num_microbatches=m).actions for a in acts)
+
+
 class ParallelExecutor:
     """Builds this rank's share of the model and runs training steps on the mesh."""
 
@@ -170,7 +180,8 @@ class ParallelExecutor:
                                        ep_size=mesh.ep, ep_rank=mesh.ep_rank, init=init, factory=linear_factory)
         self.model.loss_chunk_tokens = loss_chunk_tokens
         if compile:  # before recompute: the checkpointed pieces are then the compiled ones
-            apply_compile(self.model, backend="inductor" if compile is True else compile)
+            apply_compile(self.model, backend="inductor" if compile is True else compile,
+                          eager_gemms=splits_backward(schedule, pp=plan.pp))
         apply_recompute(self.model, recompute)
         self.expert_names = expert_names = set(
             shard_experts(self.model, group=mesh.ep_group, ep_size=mesh.ep, ep_rank=mesh.ep_rank,
