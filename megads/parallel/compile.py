@@ -5,12 +5,13 @@ Two things of ours do not fit that unit, so the block is compiled as the pieces 
 calls (`megads.parallel.stages.DeepseekStage._block_steps`, `TransformerBlock.forward` alike):
 
     compiled (one graph each)                   eager
-    input / post-attention RMSNorm              every GEMM layer (`Linear`, `GroupedLinear`)
-    MLA: rope, concatenations, SDPA, reshapes   the routed experts (`RoutedExperts`), the dispatch
-    SwiGLU of the dense MLP / shared experts    and combine (all-to-all, `.tolist()` of counts)
-    the router (sigmoid, group-limited top-k,   the residual adds between pieces
-      balance loss, token counts)
+    input / post-attention RMSNorm              the GEMM layers (`Linear`) under a schedule with a
+    MLA: rope, concatenations, SDPA, reshapes     B/W split (zb1p, DualPipe, DualPipeV)
+    SwiGLU of the dense MLP / shared experts    the routed experts (`RoutedExperts`), the dispatch
+    the router (sigmoid, group-limited top-k,     and combine (all-to-all, `.tolist()` of counts)
+      balance loss, token counts)               the residual adds between pieces
     the MoE's gate-weighted combine
+    the GEMMs, without a B/W split
 
 * The expert all-to-alls sit *between* pieces: the F&B overlap (`overlap_fb`) cuts a MoE block's
   graph at both exchanges and interleaves two chunks there, so a graph spanning a whole MoE block
