@@ -210,14 +210,16 @@ def test_inductor_blocks_match_eager() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# 4 gloo ranks, pp 2 x ep 2: a B/W-split schedule and DualPipeV with the overlapped F&B
+# 4 gloo ranks, pp 2 x ep 2: a B/W-split schedule, DualPipeV with the overlapped F&B, 1F1B
 
 OPTIM = OptimSettings(lr=1e-5, weight_decay=0.1, max_grad_norm=1.0, bias_update_speed=1e-3, bucket_numel=3000)
 
 
 def _rank_cases(backend: str) -> list[ScheduleCase]:
+    # zb1p and DualPipeV split B and W (GEMMs eager); 1F1B does not (GEMMs inside the graphs)
     return [ScheduleCase(2, 2, "zb1p", False, (min_microbatches("zb1p", pp=2),), compile=backend),
-            ScheduleCase(2, 2, "dualpipev", True, (min_microbatches("dualpipev", pp=2),), compile=backend)]
+            ScheduleCase(2, 2, "dualpipev", True, (min_microbatches("dualpipev", pp=2),), compile=backend),
+            ScheduleCase(2, 2, "1f1b", False, (min_microbatches("1f1b", pp=2),), compile=backend)]
 
 
 def _run_ranks(backend: str, outdir: Path) -> None:
