@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}", flush=True)
     for preset in args.presets:
+        # a fresh Dynamo cache per preset: the blocks of two model sizes share code objects, and
+        # their shapes together pass the recompile limit (a single training process holds one)
+        torch._dynamo.reset()
         r = bench(preset, batch=args.batch, seq=args.seq, iters=args.iters, warmup=args.warmup,
                   backend=args.backend, device=args.device, precision=args.precision,
                   gemms=[f"{g}_gemms" for g in args.gemms])
