@@ -15,9 +15,18 @@ Three measurements, printed as tables (and written to --json):
    combine all-to-all, forward and backward) on 2 ranks: compute is a sleep on the main thread,
    each all-to-all is a latency sleep followed by a real gloo all_to_all_single on a comm thread.
    Sequential (C + A) vs `pipeline.overlap.interleave` (goal: within 15% of max(C, A)).
+4. Real stages (`--part real`, not in `all`). The DeepSeek stage itself (`DeepseekStage`, built by
+   `ParallelExecutor`: tiny / small, MTP on, EP = 2 all-to-alls over gloo) on 4 CPU ranks,
+   pp 2 x ep 2 (dp 2), driven in the same run, step after step alternately, by megads' DualPipeV
+   with the overlapped F&B and by torch.distributed.pipelining's `ScheduleDualPipeV` over the
+   same modules (one `PipelineStage` per model piece, the piece's forward being the stage's
+   un-cut forward; no overlap there). Forward + backward of one batch, no optimizer step. Prints
+   the median step times, their ratio megads / torch (goal <= 0.85) and both losses of the
+   batch (the same model on the same micro-batches: equal within float32 rounding).
 
-    .venv/bin/python -m tools.bench_pipeline                 # everything, ~17 minutes (unit 300 ms)
+    .venv/bin/python -m tools.bench_pipeline                 # parts 1-3, ~17 minutes (unit 300 ms)
     .venv/bin/python -m tools.bench_pipeline --pps 4 --unit-ms 50 --part bubble   # a quick look
+    .venv/bin/python -m tools.bench_pipeline --part real --models tiny small      # part 4
 
 The unit must be large against the fixed cost of a step on the machine (point-to-point hops and
 Python on the critical path, 20-90 ms per step on 2 CPU cores): that cost lands in the bubble, so
@@ -30,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -335,6 +345,169 @@ def _overlap_worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: 
 
 
 # ----------------------------------------------------------------------------------------------
+# 4: real DeepSeek stages, megads DualPipeV (overlapped F&B) vs torch ScheduleDualPipeV
+
+
+class _TorchPiece(torch.nn.Module):
+    """One model piece of a `DeepseekStage` as the module of a torch `PipelineStage`.
+
+    Its forward is the stage's forward of that chunk without cuts (`overlap=False`: the expert
+    all-to-alls are autograd functions inside the graph). Between pieces it passes the hidden
+    state and the running sum of the balance losses ([1]: what megads' stage keeps as a second
+    output), so the last piece returns the micro-batch's whole loss. `ids` / `labels` arrive as
+    keyword arguments (torch's schedules hand the micro-batch's kwargs to every stage).
+    Registered submodules: only the piece's own (torch's weight backward walks `parameters()`).
+    """
+
+    def __init__(self, stage: Any, chunk: int) -> None:
+        super().__init__()
+        self.stage, self.chunk = stage, chunk
+        spec = stage.specs[stage.layout.chunks[chunk].piece]
+        self.first, self.last = spec.first, spec.last
+        m = stage.model
+        self.held = torch.nn.ModuleList([m.layers[str(i)] for i in spec.layers])
+        if spec.first or (spec.last and m.mtp):
+            self.held.append(m.embed_tokens)
+        if spec.last:
+            self.held.extend([m.norm, m.lm_head, m.mtp])
+
+    def forward(self, *args: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> Any:
+        st = self.stage
+        x, bal_in = (None, None) if self.first else args
+        st._microbatches = [(ids, labels)]
+        y = st.forward(self.chunk, 0, x)
+        tape = st._tapes.pop((self.chunk, 0))
+        outs = tape.segments[-1].outs
+        bal = bal_in if bal_in is not None else y.new_zeros(1)  # [1]
+        if self.last:
+            # [1] (torch concatenates the last stage's outputs): the micro-batch's total loss, with the
+            # earlier pieces' balance losses added
+            return y.reshape(1) + bal
+        own = outs[1] if len(outs) > 1 else y.new_zeros(())
+        return y, bal + own  # a fresh [1] tensor, not a view: torch detaches stage outputs in place
+
+
+def _real_preset(preset: str, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Both schedules on one model preset, alternately, step after step (see part 4)."""
+    from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
+
+    from megads.parallel.executor import ParallelExecutor
+    from megads.parallel.mesh import ParallelMesh, plan_layout
+    from megads.parallel.stages import DeepseekStage, rank_pieces
+    from tools.count_params import load_preset
+
+    pp, ep = 2, 2
+    m_total, T, mtp_weight = cfg["microbatches"], cfg["seq_len"], 0.3
+    mcfg = load_preset(preset)
+    plan = plan_layout(world_size=world, pp=pp, ep=ep, num_layers=mcfg.num_hidden_layers,
+                       n_routed_experts=mcfg.n_routed_experts, n_group=mcfg.n_group,
+                       topk_group=mcfg.topk_group, pieces_per_rank=2)
+    mesh = ParallelMesh.build(plan)
+    ex = ParallelExecutor(mcfg, mesh=mesh, plan=plan, schedule="dualpipev", seed=0, overlap_fb=True)
+    rt, ours = ex._runtime(m_total, mtp_weight=mtp_weight)
+    ours.on_chunk_grads_final = None  # no ZeRO-1 reduction inside the timed step: torch has none
+    # the same modules, torch's schedule: one PipelineStage per piece (V: pieces r and 2pp-1-r)
+    plain = DeepseekStage(ex.model, layout=ours.layout, rank=mesh.pp_rank, specs=ex.specs,
+                          pp_group=mesh.pp_group, mtp_weight=mtp_weight, grad_scale=1.0, overlap=False)
+    g = torch.Generator().manual_seed(100 + mesh.dp_rank)  # each data-parallel replica its own batch
+    tok = torch.randint(0, mcfg.vocab_size, (m_total, T + 1), generator=g)
+    ids_MT, labels_MT = tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
+    mbs = [(ids_MT[i : i + 1], labels_MT[i : i + 1]) for i in range(m_total)]
+    # examples of what crosses between pieces (torch makes a received tensor require a gradient
+    # when its example does)
+    h = torch.zeros(1, T, mcfg.hidden_size, requires_grad=True)
+    bal = torch.zeros(1, requires_grad=True)
+    stages = []
+    for piece in rank_pieces(ours.layout, rank=mesh.pp_rank):
+        chunk = next(c for c in ours.layout.chunks_on(mesh.pp_rank) if ours.layout.chunks[c].piece == piece)
+        first, last = piece == 0, piece == 2 * pp - 1
+        stages.append(PipelineStage(
+            _TorchPiece(plain, chunk), piece, 2 * pp, torch.device("cpu"),
+            input_args=(ids_MT[:1],) if first else (h, bal),
+            output_args=torch.zeros(1) if last else (h, bal), group=mesh.pp_group,
+        ))
+    stages.sort(key=lambda st: st.stage_index)
+    torch_sched = ScheduleDualPipeV(stages, m_total, loss_fn=lambda out, target: out.sum())
+    holds_first = any(st.stage_index == 0 for st in stages)
+    holds_last = any(st.stage_index == 2 * pp - 1 for st in stages)
+
+    def run_ours() -> float:
+        rt.step(mbs)
+        s = ours.stats.clone()
+        dist.all_reduce(s, group=mesh.pp_group)
+        return float(s[0] + mtp_weight * s[1] + s[2]) / m_total
+
+    def run_torch() -> float:
+        plain.begin_step(microbatches=mbs, num_microbatches=m_total)
+        losses: list[torch.Tensor] = []
+        torch_sched.step(ids_MT if holds_first else None, ids=ids_MT, labels=labels_MT,
+                         target=labels_MT if holds_last else None, losses=losses if holds_last else None)
+        plain._microbatches = None
+        val = torch.tensor([float(torch.stack(losses).mean().detach()) if losses else 0.0], dtype=torch.float64)
+        dist.all_reduce(val, group=mesh.pp_group)
+        return float(val)
+
+    times: dict[str, list[float]] = {"megads": [], "torch": []}
+    cpu: dict[str, list[float]] = {"megads": [], "torch": []}
+    loss: dict[str, float] = {}
+    for i in range(cfg["warmup"] + cfg["repeats"]):
+        for name, fn in (("megads", run_ours), ("torch", run_torch)):
+            ex.model.zero_grad(set_to_none=True)
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss[name] = fn()
+            dt = torch.tensor([time.perf_counter() - t0])
+            dc = torch.tensor([time.process_time() - c0])
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the step ends when its last rank does
+            dist.all_reduce(dc)  # CPU seconds of all ranks: the work, whatever else loads the machine
+            if i >= cfg["warmup"]:
+                times[name].append(float(dt))
+                cpu[name].append(float(dc))
+    return {"times": times, "cpu": cpu, "loss": loss, "dp_rank": mesh.dp_rank, "pp_rank": mesh.pp_rank}
+
+
+def _real_worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results: dict[str, Any] = {}
+    for preset in cfg["models"]:
+        results[preset] = _real_preset(preset, world, cfg)
+        if rank == 0:
+            print(f"  {preset}: done", flush=True)
+        dist.barrier()
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, results)
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        _atomic_write(Path(out), json.dumps(gathered))
+
+
+def _report_real(gathered: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    for preset in cfg["models"]:
+        per_rank = [g[preset] for g in gathered]
+        times = per_rank[0]["times"]  # world maxima: the same on every rank
+        med = {k: statistics.median(v) for k, v in times.items()}
+        cpu = {k: statistics.median(v) for k, v in per_rank[0]["cpu"].items()}
+        # loss of each data-parallel replica's batch, as the pipeline rank holding the head saw it
+        losses = {r["dp_rank"]: r["loss"] for r in per_rank if r["pp_rank"] == 0}
+        worst = max(abs(v["megads"] - v["torch"]) / abs(v["torch"]) for v in losses.values())
+        report[preset] = {"median_s": med, "ratio": med["megads"] / med["torch"], "all_s": times,
+                          "median_cpu_s": cpu, "cpu_ratio": cpu["megads"] / cpu["torch"],
+                          "losses": losses, "loss_rel_diff": worst}
+        print(f"{preset}: pp 2 x ep 2, {cfg['microbatches']} micro-batches of 1 x {cfg['seq_len']} tokens per "
+              f"replica: megads DualPipeV (overlapped F&B) {med['megads'] * 1e3:.0f} ms, torch ScheduleDualPipeV "
+              f"{med['torch'] * 1e3:.0f} ms per step (median of {len(times['torch'])}); "
+              f"megads / torch = {med['megads'] / med['torch']:.3f}; CPU seconds of the 4 ranks per step "
+              f"{cpu['megads']:.2f} vs {cpu['torch']:.2f}: {cpu['megads'] / cpu['torch']:.3f}")
+        for dp, v in sorted(losses.items()):
+            print(f"  replica {dp} loss: megads {v['megads']:.6f}, torch {v['torch']:.6f}")
+        print(f"  loss relative difference {worst:.1e}")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,7 +515,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--unit-ms", type=float, default=300.0, help="sleep of one F, B or W of one chunk")
     ap.add_argument("--mb-factor", type=int, default=3, help="micro-batches = factor * pp")
-    ap.add_argument("--part", choices=["all", "bubble", "overlap"], default="all")
+    ap.add_argument("--part", choices=["all", "bubble", "overlap", "real"], default="all")
+    ap.add_argument("--models", nargs="+", default=["tiny", "small"], help="real part: model presets")
+    ap.add_argument("--microbatches", type=int, default=8, help="real part: micro-batches per replica and step")
+    ap.add_argument("--seq-len", type=int, default=128, help="real part: tokens per sequence")
+    ap.add_argument("--warmup", type=int, default=2, help="real part: untimed steps of each schedule")
     ap.add_argument("--compute-ms", type=float, default=240.0, help="overlap part: compute of one F&B pair")
     ap.add_argument(
         "--a2a-ms", type=float, default=240.0, help="overlap part: all-to-all latency of one F&B pair"
@@ -364,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
         "a2a_ms": args.a2a_ms,
         "repeats": args.repeats,
         "runs": args.runs,
+        "models": args.models,
+        "microbatches": args.microbatches,
+        "seq_len": args.seq_len,
+        "warmup": args.warmup,
     }
     report: dict[str, Any] = {"config": cfg, "torch": torch.__version__}
     tmpdir = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
@@ -405,6 +586,13 @@ def main(argv: list[str] | None = None) -> int:
             f"(C+A={1e3 * (c_s + a_s):.0f}), F&B interleaved {best_ovl * 1e3:.0f} ms = "
             f"{best_ovl / max(c_s, a_s):.3f} x max(C, A)"
         )
+    if args.part == "real":
+        out = tmpdir / "real.json"
+        print(f"real stages: {', '.join(args.models)} on 4 gloo ranks (pp 2 x ep 2), load {os.getloadavg()[0]:.2f}",
+              flush=True)
+        mp.spawn(_real_worker, args=(4, free_port(), cfg, str(out)), nprocs=4, join=True)
+        report["real"] = _report_real(json.loads(out.read_text()), cfg)
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
     _atomic_write(Path(args.json), json.dumps(report, indent=1))
     print(f"wrote {args.json}")
     return 0

@@ -38,11 +38,13 @@ def _recomputed(fn: Callable[..., Any]) -> Callable[..., Any]:
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
     run.__wrapped__ = fn  # type: ignore[attr-defined]
+    run.recomputed = True  # type: ignore[attr-defined]
     return run
 
 
 def _wrap_forward(module: nn.Module) -> None:
-    if "forward" not in vars(module):  # once
+    # once; a forward replaced by someone else (megads.parallel.compile) is wrapped in turn
+    if not getattr(module.forward, "recomputed", False):
         module.forward = _recomputed(module.forward)  # type: ignore[method-assign]
 
 

@@ -4,6 +4,7 @@ Parallelism is applied to the single-device model in one fixed order:
 
     1. plan_layout (numbers only)  2. ParallelMesh.build (groups)
     3. build_stage_model (this rank's pieces and expert shard only, built on the meta device)
+    3b. compile (optional, per block piece), then recompute (optional)
     4. shard_experts (ep: the all-to-all dispatchers)          5. DeepseekStage (overlap_fb chooses the segmented F&B) + PipelineRuntime
     6. Zero1AdamW (dp / edp / embed groups)
 
@@ -36,12 +37,13 @@ from megads.model.config import ModelConfig
 from megads.model.linear import LinearFactory
 from megads.model.recompute import apply_recompute
 from megads.model.router import Router
+from megads.parallel.compile import apply_compile
 from megads.parallel.context_parallel import ContextParallel, apply_context_parallel
 from megads.parallel.expert_parallel import AllToAllDispatcher, moe_modules, shard_experts
 from megads.parallel.mesh import LayoutPlan, ParallelMesh
 from megads.parallel.stages import DeepseekStage, build_stage_model, embedding_ranks, piece_specs, rank_pieces
 from megads.parallel.zero1 import Zero1AdamW
-from megads.pipeline.actions import Layout
+from megads.pipeline.actions import Layout, Op
 from megads.pipeline.runtime import PipelineRuntime
 from megads.pipeline.schedules import build_schedule, min_microbatches
 
@@ -112,6 +114,16 @@ def global_router_names(cfg: ModelConfig) -> dict[str, int]:
     return names
 
 
+def splits_backward(schedule: str, *, pp: int) -> bool:
+    """Whether `schedule` on pp ranks runs B/W-split backwards (B and W actions: the GEMMs' weight
+    gradients deferred), at its smallest micro-batch count and twice that."""
+    if pp == 1:
+        return False
+    n = min_microbatches(schedule, pp=pp)
+    return any(a.op in (Op.B, Op.W) for m in (n, 2 * n)
+               for acts in build_schedule(schedule, pp=pp, num_microbatches=m).actions for a in acts)
+
+
 class ParallelExecutor:
     """Builds this rank's share of the model and runs training steps on the mesh."""
 
@@ -137,6 +149,7 @@ class ParallelExecutor:
         loss_chunk_tokens: int = 0,
         recompute: str = "none",
         linear_factory: LinearFactory | None = None,
+        compile: bool | str = False,
     ) -> None:
         """`overlap_fb`: the stage cuts its graph at the expert all-to-alls and its F&B actions
         overlap them with the other chunk's compute (`DeepseekStage(overlap=True)`); `stage_cls`
@@ -144,7 +157,9 @@ class ParallelExecutor:
         see `build_stage_model` (False: uninitialised parameters, for a load or a measurement).
         `loss_chunk_tokens`: the cross entropies in chunks (megads.model.loss; 0 = whole);
         `recompute`: activation recomputation none | selective | full (megads.model.recompute).
-        `linear_factory`: the backend of every GEMM layer (megads.model.linear; FP8: megads.model.fp8)."""
+        `linear_factory`: the backend of every GEMM layer (megads.model.linear; FP8: megads.model.fp8).
+        `compile`: torch.compile every transformer block's pieces (megads.parallel.compile); True
+        is the inductor backend, a string names another (the tests' `aot_eager`)."""
         self.cfg = cfg
         self.overlap_fb = overlap_fb
         self.stage_cls = stage_cls
@@ -167,6 +182,12 @@ class ParallelExecutor:
         self.model = build_stage_model(cfg, specs=self.specs, seed=seed, dtype=dtype, device=self.device,
                                        ep_size=mesh.ep, ep_rank=mesh.ep_rank, init=init, factory=linear_factory)
         self.model.loss_chunk_tokens = loss_chunk_tokens
+        if compile and mesh.cp > 1:
+            raise ValueError(f"compile with context parallel (cp={mesh.cp}) is not supported yet: the attention's "
+                             "latent all-gather is not compiled; run it eager (compile=False)")
+        if compile:  # before recompute: the checkpointed pieces are then the compiled ones
+            apply_compile(self.model, backend="inductor" if compile is True else compile,
+                          eager_gemms=splits_backward(schedule, pp=plan.pp))
         apply_recompute(self.model, recompute)
         self.context = (ContextParallel(group=mesh.cp_group, size=mesh.cp, rank=mesh.cp_rank)
                         if mesh.cp > 1 else None)

@@ -39,11 +39,13 @@ class ScheduleCase:
     schedule: str
     overlap: bool
     microbatches: tuple[int, ...]  # per-dp-rank micro-batch count of each optimizer step
+    compile: str | None = None  # torch.compile backend of the blocks (megads.parallel.compile); None: eager
 
     @property
     def tag(self) -> str:
         mbs = "-".join(map(str, self.microbatches))
-        return f"pp{self.pp}_ep{self.ep}_{self.schedule}{'_overlap' if self.overlap else ''}_m{mbs}"
+        compiled = f"_compile-{self.compile}" if self.compile else ""
+        return f"pp{self.pp}_ep{self.ep}_{self.schedule}{'_overlap' if self.overlap else ''}{compiled}_m{mbs}"
 
     def global_batches(self, world: int) -> tuple[int, ...]:
         """Sequences per step (micro-batch size 1): M per dp rank times dp."""
@@ -129,7 +131,7 @@ def schedule_worker(
         )
         mesh = ParallelMesh.build(plan)
         ex = ParallelExecutor(cfg, mesh=mesh, plan=plan, schedule=case.schedule, micro_batch_size=1, seed=seed,
-                              optim=optim, overlap_fb=case.overlap)
+                              optim=optim, overlap_fb=case.overlap, compile=case.compile or False)
         grads: list[dict[str, torch.Tensor]] = []
         step_fn = ex.optimizer.step
 

@@ -205,6 +205,10 @@ class TrainConfig:
     # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 (autocast, fp32 master weights) | fp8 (the
     # blocks' GEMMs in block-scaled FP8, see `fp8`; the rest as auto)
     precision: str = "auto"
+    # torch.compile every transformer block (its norms, attention, SwiGLU, router and combine;
+    # the GEMMs, routed experts and all-to-alls stay eager: megads.parallel.compile). The same
+    # numbers as eager within float32 rounding; the first steps pay the compilation.
+    compile: bool = False
     seq_len: int = 4096
     run_dir: str | None = None  # None = outputs/<logging.run_name>
     device: str = "auto"  # auto (cuda:<local rank> when available, else cpu) | cpu | cuda
@@ -329,6 +333,27 @@ def _fp8_errors(cfg: TrainConfig) -> list[str]:
     return []
 
 
+def _compile_errors(cfg: TrainConfig) -> list[str]:
+    """compile=true against this machine: inductor generates C++ on a CPU (it needs a compiler)
+    and Triton kernels on a GPU."""
+    import shutil
+
+    import torch
+
+    gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if gpu:
+        try:
+            import triton  # noqa: F401, PLC0415
+        except ImportError:
+            return ["compile=true on a GPU needs Triton (pip install triton, the version of this torch build), "
+                    "or set compile=false"]
+        return []
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        return ["compile=true on a CPU needs a C++ compiler on the PATH (inductor builds its kernels with it): "
+                "install g++ or set compile=false"]
+    return []
+
+
 def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
     """Check every group and their relations before any process group starts."""
     from megads.pipeline.schedules import validate_microbatches
@@ -375,6 +400,14 @@ def validate_config(cfg: TrainConfig, *, world_size: int) -> None:
         errors.extend(_fp8_errors(cfg))
     if cfg.device not in _DEVICES:
         errors.append(f"device={cfg.device!r} must be one of {list(_DEVICES)}")
+    if cfg.compile and cfg.parallel.cp > 1:
+        errors.append(
+            f"compile=true with parallel.cp={cfg.parallel.cp}: the attention's latent all-gather (a collective "
+            "inside an autograd function) is not compiled yet; set compile=false for this run or stage "
+            "(docs/parallel.md, \"Context parallel\")"
+        )
+    if cfg.compile:
+        errors.extend(_compile_errors(cfg))
     if cfg.seq_len < 2:
         errors.append(f"seq_len={cfg.seq_len} must be >= 2")
     elif cfg.model.rope_scaling is None and cfg.seq_len > cfg.model.max_position_embeddings:

@@ -173,7 +173,7 @@ def build_executor(
         moments_dtype=torch.bfloat16 if p.moments_dtype == "bfloat16" else torch.float32,
         device=device, autocast_dtype=autocast_dtype, overlap_fb=overlap_fb,
         param_groups_fn=lambda model: param_groups_for(model.named_parameters(), o), init=init,
-        loss_chunk_tokens=cfg.memory.loss_chunk_tokens, recompute=cfg.memory.recompute,
+        loss_chunk_tokens=cfg.memory.loss_chunk_tokens, recompute=cfg.memory.recompute, compile=cfg.compile,
         linear_factory=linear_factory_for(cfg, device=device, rank=env.rank),
     )
 

@@ -95,6 +95,7 @@ CASES: list[tuple[str, list[str], int, str]] = [  # (id, overrides, world size, 
     ("ranks-per-node", ["parallel=pp2_ep2", "parallel.ranks_per_node=3"], 4, "ranks_per_node"),
     ("cp-world", ["parallel=dp", "parallel.cp=3"], 4, "parallel.cp=3"),
     ("cp-seq-len", ["parallel=dp", "parallel.cp=2", "seq_len=30"], 2, "multiple of 4"),
+    ("cp-compile", ["parallel=dp", "parallel.cp=2", "compile=true"], 2, "compile=true with parallel.cp=2"),
     # schedule / micro-batch clashes
     ("dualpipev-batch", ["parallel=dualpipev_pp2_ep2", "schedule.batch_start=2", "schedule.batch_end=2"], 4,
      "schedule.batch_end"),
