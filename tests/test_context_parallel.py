@@ -178,7 +178,7 @@ list:
       - parallel.cp=2
       - model.rope_scaling={type:yarn,factor:2.0,original_max_position_embeddings:32,beta_fast:32.0,beta_slow:1.0,mscale:1.0,mscale_all_dim:1.0}
       - schedule.warmup_steps=0
-      - schedule.train_steps=3
+      - schedule.train_steps=2
 start: null
 stop: null
 """
@@ -199,7 +199,7 @@ def test_staged_run_with_cp2_in_its_last_stage(tmp_path: Path) -> None:
     (conf / "stages" / "nocp.yaml").write_text(CP_STAGES_YAML.replace("parallel.cp=2", "parallel.cp=1"))
     common = [sys.executable, "-m", "megads.train.cli", "--config-dir", str(conf), "model=tiny", "parallel=dp",
               "parallel.micro_batch_size=1", "seq_len=32", "schedule=tiny", "schedule.train_tokens=0",
-              "schedule.train_steps=3", "schedule.warmup_steps=1", "schedule.batch_start=4", "schedule.batch_end=4",
+              "schedule.train_steps=2", "schedule.warmup_steps=1", "schedule.batch_start=4", "schedule.batch_end=4",
               "logging.wandb.mode=disabled", "logging.console_every=1", "data=fallback", "data.max_bytes=200000",
               "logging.expert_load_png=false"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -214,8 +214,8 @@ def test_staged_run_with_cp2_in_its_last_stage(tmp_path: Path) -> None:
         return [json.loads(line)["loss/lm"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
     got = losses(tmp_path / "run" / "stages" / "long_cp2")
-    assert len(got) == 3 and all(0 < x < 20 for x in got)
-    init = tmp_path / "run" / "stages" / "short" / "checkpoints" / "step_00000003"
+    assert len(got) == 2 and all(0 < x < 20 for x in got)
+    init = tmp_path / "run" / "stages" / "short" / "checkpoints" / "step_00000002"
     alone = subprocess.run([*common, "stages=nocp", f"run_dir={tmp_path / 'alone'}", "stages.start=long_cp2",
                             f"checkpoint.init_from={init}"],
                            cwd=repo, env=env, capture_output=True, text=True, timeout=300)

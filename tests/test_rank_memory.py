@@ -12,6 +12,7 @@ on exactly one ep rank).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,8 +76,12 @@ def test_cli_exit_status_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def _cli_json(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / f"r{len(list(tmp_path.iterdir()))}.json"
+    # a fixed mmap threshold: glibc's dynamic one rises after a large free, and a later large
+    # allocation may then reuse resident heap pages, which made the untouched footprint resident
+    # in some runs (a CI flake: lazy peak RSS 1030 MB > the 992 MB state)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     subprocess.run([sys.executable, "-m", "tools.rank_memory", *args, "--json", str(out)], check=True,
-                   cwd=REPO, capture_output=True, timeout=300)
+                   cwd=REPO, capture_output=True, timeout=300, env=env)
     return json.loads(out.read_text())
 
 

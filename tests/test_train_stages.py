@@ -188,7 +188,7 @@ def test_stage_yarn_matches_transformers_beyond_the_original_length(tmp_path: Pa
     mcfg = stage.cfg.model
     hf_cfg = DeepseekV3Config(**{k: v for k, v in mcfg.to_hf_dict().items() if k not in ("architectures", "model_type")})
     positions = torch.arange(2048)
-    cos, sin = RotaryEmbedding(mcfg)(positions, dtype=torch.float32)
+    cos, sin, _ = RotaryEmbedding(mcfg)(positions, dtype=torch.float32)
     hf_cos, hf_sin = DeepseekV3RotaryEmbedding(hf_cfg)(torch.zeros(1, dtype=torch.float32), positions[None])
     # ours is half-split, HF's interleaved: compare the frequency sets as multisets per position
     assert torch.allclose(cos.sort(dim=-1).values, hf_cos[0].sort(dim=-1).values, atol=1e-5)
