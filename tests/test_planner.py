@@ -18,6 +18,7 @@ from megads.pipeline.schedules import build_schedule
 from megads.pipeline.validate import simulate
 
 from megads.model.transformer import DeepseekV3
+from megads.parallel.stages import piece_specs
 from megads.plan.activations import embedding_elems, head_elems, layer_elems, mtp_elems
 from megads.plan.cli import compose_plan, given_candidate, main
 from megads.plan.emit import train_overrides
@@ -27,10 +28,12 @@ from megads.plan.estimate import (
     PieceTime,
     estimate,
     layout_plan,
+    piece_work,
     rank_model_state,
 )
 from megads.plan.search import search
 from megads.testing.activations import SavedTensorTracker
+from megads.testing.parallel import spawn
 from megads.train.cli import compose_config
 from tools.plan_validate import DEEPSEEK_V3, MEGATRON_H100, activation_rows
 from tools.rank_memory import run as rank_memory_run
@@ -165,10 +168,27 @@ def test_search_ranks_fitting_layouts_and_emits_a_trainer_launch(tmp_path: Path)
     assert (tmp_path / "plan.json").exists()
 
 
-def test_context_parallel_is_modelled_but_not_launchable() -> None:
-    pc = compose_plan(["cp=2", "plots=false"])
+def test_context_parallel_activations_and_latent_bytes_equal_two_real_cp_ranks(tmp_path: Path) -> None:
+    """2 gloo ranks of pp1 x ep1 x cp2 (tiny, 1 x 256 tokens, fp32, MTP on; the worker of
+    tools/bench_context_parallel): each rank's saved-for-backward peak within 5% of the planner's
+    activations, and the latent bytes the trainer counts (`cp_bytes`) within 1% of the planner's
+    (the MTP depth's gather pads rank 0's one missing row)."""
+    from tools.bench_context_parallel import worker
+
+    spawn(2, worker, "tiny", 256, 1, 1, str(tmp_path))
+    measured = [torch.load(tmp_path / f"cp2.rank{r}.pt", weights_only=False) for r in range(2)]
+    pc = compose_plan(["model=tiny", "cluster=cpu_dev_8", "parallel=single", "parallel.micro_batch_size=1",
+                       "parallel.cp=2", "seq_len=256", "precision=fp32", "global_batch=4", "plots=false"])
     est = estimate(pc, given_candidate(pc))
-    assert not est.candidate.launchable and any("context parallel" in n for n in est.notes)
+    for m in measured:
+        assert abs(est.memory.activations / m["peak"] - 1) < 0.05, (est.memory.activations, m["peak"])
+    (work,) = [piece_work(pc.model, s, est.plan, pc, est.candidate) for s in piece_specs(est.plan.stage_layers)]
+    assert abs(work.cp_bytes / measured[0]["sent"] - 1) < 0.01, (work.cp_bytes, measured[0]["sent"])
+    # and it is a launch: the emitted line is a trainer config with cp = 2 on this cluster
+    line = train_overrides(pc, est, model_choice="tiny", parallel_choice="single")
+    tc = compose_config(line)
+    tc.parallel.validate(world_size=pc.cluster.world_size, model=tc.model)  # type: ignore[attr-defined]
+    assert tc.parallel.cp == 2 and any("context parallel 2" in n for n in est.notes)  # type: ignore[attr-defined]
 
 
 def test_errors_name_the_field() -> None:

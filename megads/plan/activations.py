@@ -74,8 +74,10 @@ def _norm(e: Elems, label: str, dim: int, *, keep: bool = True) -> None:
         e.add(label, f32=2 * dim + 1, gemm=dim)
 
 
-def attention_elems(cfg: ModelConfig, e: Elems, *, seq_len: int, recompute: str) -> None:
-    """MLA's saved tensors (its input norm included)."""
+def attention_elems(cfg: ModelConfig, e: Elems, *, seq_len: int, recompute: str, cp: int = 1) -> None:
+    """MLA's saved tensors (its input norm included). Under context parallel (cp > 1) the attention
+    over the gathered positions is checkpointed (`MLA.forward`): it keeps its inputs, the queries
+    of the own rows and the gathered latent of all S = cp x own rows, and none of its insides."""
     H, Q, V = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
     _norm(e, "attention norm", cfg.hidden_size, keep=recompute != "full")
     if recompute != "none":
@@ -83,6 +85,12 @@ def attention_elems(cfg: ModelConfig, e: Elems, *, seq_len: int, recompute: str)
     if cfg.q_lora_rank is not None:
         e.add("q latent norm", f32=2 * cfg.q_lora_rank + 1, gemm=cfg.q_lora_rank)
     ckv, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    if cp > 1:
+        e.add("cp gathered latent", act=cp * (ckv + R))
+        e.add("cp attention queries", act=H * Q)
+        e.add("o_proj input", gemm=H * V)
+        e.per_microbatch_act += 2 * seq_len * R  # rope cos, sin of the own rows
+        return
     e.add("kv latent + norm", act=ckv + R, f32=ckv + 1, gemm=ckv)
     v_cols = Q if V < Q else V
     e.add("attention core q k v out", act=2 * H * Q + H * v_cols + H * Q)
@@ -96,10 +104,11 @@ def swiglu_elems(e: Elems, label: str, width: float, *, rows_per_token: float = 
     e.add(label, act=3 * width * rows_per_token, gemm=width * rows_per_token)
 
 
-def layer_elems(cfg: ModelConfig, layer: int, *, seq_len: int, recompute: str = "none") -> Elems:
-    """Saved elements per token of transformer layer `layer` (>= num_hidden_layers: MTP blocks)."""
+def layer_elems(cfg: ModelConfig, layer: int, *, seq_len: int, recompute: str = "none", cp: int = 1) -> Elems:
+    """Saved elements per token of transformer layer `layer` (>= num_hidden_layers: MTP blocks);
+    `seq_len`: the rows of one rank (the sequence / cp)."""
     e = Elems()
-    attention_elems(cfg, e, seq_len=seq_len, recompute=recompute)
+    attention_elems(cfg, e, seq_len=seq_len, recompute=recompute, cp=cp)
     D = cfg.hidden_size
     inner = recompute == "none"
     if not cfg.is_moe_layer(layer):
@@ -139,14 +148,14 @@ def head_elems(cfg: ModelConfig, *, chunked_loss: bool) -> Elems:
     return e
 
 
-def mtp_elems(cfg: ModelConfig, *, seq_len: int, recompute: str, chunked_loss: bool) -> Elems:
+def mtp_elems(cfg: ModelConfig, *, seq_len: int, recompute: str, chunked_loss: bool, cp: int = 1) -> Elems:
     """One MTP depth per token of the main sequence (its T - k positions folded in by the caller)."""
     D = cfg.hidden_size
     e = Elems()
     e.add("mtp token ids", i64=1)
     e.add("mtp input norms", f32=2 * (D + 1) + 2 * D)  # enorm x, xn; hnorm xn (its input is the main h)
     e.add("mtp concat", gemm=2 * D)
-    block = layer_elems(cfg, cfg.num_hidden_layers, seq_len=seq_len, recompute=recompute)
+    block = layer_elems(cfg, cfg.num_hidden_layers, seq_len=seq_len, recompute=recompute, cp=cp)
     for k in ("f32", "act", "gemm", "i64"):
         setattr(e, k, getattr(e, k) + getattr(block, k))
     e.per_microbatch_act += block.per_microbatch_act

@@ -39,10 +39,10 @@ def compose_plan(overrides: list[str]) -> PlanConfig:
 
 
 def given_candidate(pc: PlanConfig, *, balance: bool = False) -> Candidate:
-    """The layout of `pc.parallel` (+ cp, recompute), stage layers balanced when asked and unset."""
+    """The layout of `pc.parallel` (cp included) and `recompute`, stage layers balanced when asked and unset."""
     p = pc.parallel
     cand = Candidate(pp=p.pp, ep=p.ep, schedule=p.schedule if p.pp > 1 else "1f1b",
-                     micro_batch_size=p.micro_batch_size, recompute=pc.recompute, cp=pc.cp,
+                     micro_batch_size=p.micro_batch_size, recompute=pc.recompute, cp=p.cp,
                      stage_layers=tuple(p.stage_layers) if p.stage_layers else None)
     if balance and cand.stage_layers is None and cand.pp > 1:
         cand = Candidate(**{**cand.__dict__, "stage_layers": balance_stage_layers(pc, cand)})
@@ -77,7 +77,7 @@ def table(ests: list[Estimate]) -> str:
     rows = [head]
     for i, e in enumerate(ests, 1):
         rows.append(
-            f"{i:>3} {e.candidate.label() + ('' if e.candidate.launchable else ' *'):40s} {e.plan.dp:>5} "
+            f"{i:>3} {e.candidate.label():40s} {e.plan.dp:>5} "
             f"{e.memory.total / GB:>7.1f} {'yes' if e.memory.fits else 'no':>5} {e.memory.activations / GB:>7.1f} "
             f"{e.time.step_s:>7.2f} {e.time.bubble_s:>7.2f} {e.time.a2a_exposed_s:>7.2f} "
             f"{e.tokens_per_s_per_gpu:>9.0f} {100 * e.mfu_bf16:>5.1f} {e.gpu_hours / 1e3:>8.1f}")
@@ -110,10 +110,10 @@ def run(overrides: list[str]) -> dict[str, Any]:
         ests, n = search(pc)
         if not ests:
             raise SystemExit(f"megads-plan: none of the {n} layouts enumerated is valid on {pc.cluster.name}")
-        best = next((e for e in ests if e.memory.fits and e.candidate.launchable), ests[0])
+        best = next((e for e in ests if e.memory.fits), ests[0])
         fitting = sum(e.memory.fits for e in ests)
         print(f"{n} layouts enumerated on {pc.cluster.name} ({pc.cluster.world_size} GPUs), {len(ests)} valid, "
-              f"{fitting} fit in {best.memory.usable / GB:.0f} GB (* = not launchable yet)")
+              f"{fitting} fit in {best.memory.usable / GB:.0f} GB")
         print(table(ests[: pc.search.top]))
         print()
         print(describe(best).replace("{tokens}", tokens))

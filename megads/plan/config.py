@@ -91,7 +91,7 @@ class SearchConfig:
 
     pp: list[int] | None = None
     ep: list[int] | None = None
-    cp: list[int] = field(default_factory=lambda: [1])  # context parallel: modelled, not launchable yet
+    cp: list[int] = field(default_factory=lambda: [1])  # parallel.cp values (context parallel)
     schedules: list[str] = field(default_factory=lambda: ["1f1b", "zb1p", "dualpipe", "dualpipev"])
     micro_batch_sizes: list[int] = field(default_factory=lambda: [1, 2])
     recompute: list[str] = field(default_factory=lambda: ["none", "selective", "full"])
@@ -126,7 +126,6 @@ class PlanConfig:
     seq_len: int = 4096
     precision: str = "bf16"  # fp32 | bf16 | fp8 (modelled analytically; emitted as the trainer's precision=fp8)
     global_batch: int = 15360  # sequences per optimizer step
-    cp: int = 1  # context-parallel degree (modelled only; the mesh has no cp yet)
     recompute: str = "none"  # memory.recompute of the trainer
     loss_chunk_tokens: int = 0  # memory.loss_chunk_tokens of the trainer
     # parallel.stage_layers null: choose the layer counts that balance the pipeline ranks' work
@@ -149,13 +148,15 @@ class PlanConfig:
             errors.append(f"precision={self.precision!r} must be one of {list(PRECISIONS)}")
         if self.recompute not in RECOMPUTE:
             errors.append(f"recompute={self.recompute!r} must be one of {list(RECOMPUTE)}")
-        for n in ("seq_len", "global_batch", "cp"):
+        for n in ("seq_len", "global_batch"):
             if getattr(self, n) < 1:
                 errors.append(f"{n}={getattr(self, n)} must be >= 1")
         if not 0 <= self.memory_margin < 1:
             errors.append(f"memory_margin={self.memory_margin} must lie in [0, 1)")
-        if self.seq_len % self.cp:
-            errors.append(f"seq_len={self.seq_len} must be divisible by cp={self.cp}")
+        cp = self.parallel.cp
+        if cp > 1 and self.seq_len % (2 * cp):
+            errors.append(f"seq_len={self.seq_len} with parallel.cp={cp}: context parallel cuts a sequence into "
+                          f"2*cp = {2 * cp} chunks; make seq_len a multiple of {2 * cp}")
         if errors:
             raise ValueError("invalid plan config (conf/plan.yaml or overrides):\n  - " + "\n  - ".join(errors))
 

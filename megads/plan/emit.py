@@ -9,7 +9,8 @@ from megads.plan.estimate import Estimate
 def train_overrides(pc: PlanConfig, est: Estimate, *, model_choice: str, parallel_choice: str) -> list[str]:
     """Overrides of conf/config.yaml (megads-train) that run `est`'s layout."""
     c = est.candidate
-    out = [f"model={model_choice}", f"parallel={parallel_choice}", f"parallel.pp={c.pp}", f"parallel.ep={c.ep}"]
+    out = [f"model={model_choice}", f"parallel={parallel_choice}", f"parallel.pp={c.pp}", f"parallel.ep={c.ep}",
+           f"parallel.cp={c.cp}"]
     if c.pp > 1:
         out.append(f"parallel.schedule={c.schedule}")
         out.append("parallel.stage_layers=[" + ",".join(str(n) for n in est.plan.stage_layers) + "]")
@@ -35,6 +36,4 @@ def sbatch_command(pc: PlanConfig, est: Estimate, *, model_choice: str, parallel
     if not est.memory.fits:
         return (f"# does not fit: {est.memory.total / 1e9:.0f} GB predicted on pipeline rank {est.memory.pp_rank}, "
                 f"{est.memory.usable / 1e9:.0f} GB usable: " + cmd)
-    if not est.candidate.launchable:
-        return "# not launchable (context parallel is not in megads' mesh yet): " + cmd
     return cmd

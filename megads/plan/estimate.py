@@ -50,7 +50,7 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class Candidate:
-    """One layout the planner evaluates (a trainer layout plus the modelled-only cp)."""
+    """One layout the planner evaluates (`parallel.cp` included)."""
 
     pp: int
     ep: int
@@ -59,10 +59,6 @@ class Candidate:
     recompute: str
     cp: int = 1
     stage_layers: tuple[int, ...] | None = None
-
-    @property
-    def launchable(self) -> bool:
-        return self.cp == 1  # the mesh has no context parallel yet
 
     def label(self) -> str:
         cp = f" cp{self.cp}" if self.cp > 1 else ""
@@ -79,6 +75,12 @@ class Work:
     a2a_fwd_s: float = 0.0  # dispatch + combine of every MoE layer
     a2a_bwd_s: float = 0.0
     moe_layers: int = 0
+    # context parallel: the MLA latent all-gathers (forward; again in the backward under
+    # recomputation) and the latent-gradient exchanges (backward), exposed (not overlapped)
+    cp_fwd_s: float = 0.0
+    cp_bwd_s: float = 0.0
+    cp_bytes: float = 0.0  # latent bytes this rank sends for one micro-batch, forward + backward
+    cp_transient_bytes: float = 0.0  # one layer's recomputed keys and values of the S gathered positions
 
 
 @dataclass
@@ -145,7 +147,7 @@ class Estimate:
         return {
             "layout": c.label(), "pp": c.pp, "ep": c.ep, "cp": c.cp, "dp": self.plan.dp, "schedule": c.schedule,
             "micro_batch_size": c.micro_batch_size, "recompute": c.recompute,
-            "stage_layers": list(self.plan.stage_layers), "launchable": c.launchable,
+            "stage_layers": list(self.plan.stage_layers),
             "memory_gb": {k: getattr(m, k) / GB for k in ("params", "grads", "optimizer", "activations", "a2a_buffers",
                                                           "zero1_buckets", "total", "usable")},
             "fits": m.fits, "worst_rank": m.pp_rank,
@@ -227,6 +229,17 @@ def a2a_seconds(cfg: ModelConfig, plan: LayoutPlan, cluster: ClusterConfig, eff:
     return max(t_intra, t_inter) + cluster.collective_latency_us * 1e-6
 
 
+def cp_exchange_seconds(plan_cp: int, cluster: ClusterConfig, eff: EfficiencyConfig, *, nbytes: float) -> float:
+    """One latent all-gather (or its gradient's exchange) over the cp group, `nbytes` sent by each
+    rank in all. The cp ranks of a sequence are consecutive ranks of a stage: one node when cp
+    fits in it, else the network."""
+    if plan_cp == 1:
+        return 0.0
+    link = cluster.nvlink_gbps * GB * eff.nvlink if plan_cp <= cluster.gpus_per_node \
+        else cluster.internode_gbps * GB * eff.internode
+    return nbytes / link + cluster.collective_latency_us * 1e-6
+
+
 # ------------------------------------------------------------------------------------- work
 
 
@@ -247,6 +260,29 @@ def piece_work(cfg: ModelConfig, spec: PieceSpec, plan: LayoutPlan, pc: PlanConf
     disp = 1.0 + 4.0 / 128 if pc.precision == "fp8" else (4.0 if pc.precision == "fp32" else 2.0)
     comb = 4.0 if pc.precision == "fp32" else 2.0
 
+    cp = cand.cp
+    latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim  # values a token's cp exchange moves
+    kv_up = 2.0 * cfg.kv_lora_rank * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    act_bytes = 4.0 if pc.precision == "fp32" else 2.0
+
+    def cp_attention(fl: dict[str, float], tokens: int) -> dict[str, float]:
+        """Under cp every rank up-projects the keys and values of all S = cp x its rows (the extra
+        (cp - 1) x kv_b_proj per own token, in F, B and W) and recomputes that up-projection in the
+        backward (checkpointed); its latent rows go to the cp - 1 peers forward and their
+        gradients come back backward (again forward under recomputation). Returns the extra
+        recomputed FLOPs per token."""
+        if cp == 1:
+            return {}
+        fl["dense"] += (cp - 1) * kv_up
+        sent = (cp - 1) * tokens * latent * act_bytes
+        gathers_fwd, gathers_bwd = 1, 1 + (cand.recompute != "none")
+        w.cp_bytes += (gathers_fwd + gathers_bwd) * sent
+        w.cp_fwd_s += gathers_fwd * cp_exchange_seconds(cp, pc.cluster, pc.efficiency, nbytes=sent)
+        w.cp_bwd_s += gathers_bwd * cp_exchange_seconds(cp, pc.cluster, pc.efficiency, nbytes=sent)
+        heads = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        w.cp_transient_bytes = max(w.cp_transient_bytes, cp * tokens * heads * act_bytes)
+        return {"dense": cp * kv_up}
+
     def moe_comm(tokens: int) -> None:
         w.moe_layers += 1
         w.a2a_fwd_s += a2a_seconds(cfg, plan, pc.cluster, pc.efficiency, tokens=tokens, bytes_per_value=disp)
@@ -257,8 +293,10 @@ def piece_work(cfg: ModelConfig, spec: PieceSpec, plan: LayoutPlan, pc: PlanConf
         elems.append((embedding_elems(), n))
     for i in spec.layers:
         fl = layer_flops(cfg, i, seq_len=pc.seq_len)
+        cp_rec = cp_attention(fl, n)
         add(fl, n, _recomputed_flops(cfg, i, fl, cand.recompute))
-        elems.append((layer_elems(cfg, i, seq_len=T, recompute=cand.recompute), n))
+        add({}, n, cp_rec)
+        elems.append((layer_elems(cfg, i, seq_len=T, recompute=cand.recompute, cp=cp), n))
         if cfg.is_moe_layer(i):
             moe_comm(n)
     if spec.last:
@@ -269,9 +307,10 @@ def piece_work(cfg: ModelConfig, spec: PieceSpec, plan: LayoutPlan, pc: PlanConf
             nk = cand.micro_batch_size * max(T - k, 0)
             j = cfg.num_hidden_layers + k - 1
             fl = layer_flops(cfg, j, seq_len=pc.seq_len)
+            cp_rec = cp_attention(fl, nk)
             add(fl, nk, _recomputed_flops(cfg, j, fl, cand.recompute))
-            add({"dense": 2.0 * 2 * D * D, "bf16": 2.0 * D * cfg.vocab_size}, nk)
-            elems.append((mtp_elems(cfg, seq_len=T - k, recompute=cand.recompute, chunked_loss=chunked), nk))
+            add({"dense": 2.0 * 2 * D * D, "bf16": 2.0 * D * cfg.vocab_size}, nk, cp_rec)
+            elems.append((mtp_elems(cfg, seq_len=T - k, recompute=cand.recompute, chunked_loss=chunked, cp=cp), nk))
             if cfg.is_moe_layer(j):
                 moe_comm(nk)
     w.act_bytes = sum(e.nbytes(tokens=t, precision=pc.precision) for e, t in elems)
@@ -301,8 +340,8 @@ def piece_time(w: Work, pc: PlanConfig) -> PieceTime:
     gemm = {k: v / _rate(k, pc) for k, v in w.flops.items() if k != "attention"}
     attn = w.flops["attention"] / _rate("attention", pc)
     rec = sum(v / _rate(k, pc) for k, v in w.recompute_flops.items())
-    F = sum(gemm.values()) + attn + elem_f
-    B = sum(gemm.values()) + 2.5 * attn + 2 * elem_f + rec
+    F = sum(gemm.values()) + attn + elem_f + w.cp_fwd_s
+    B = sum(gemm.values()) + 2.5 * attn + 2 * elem_f + rec + w.cp_bwd_s
     W = sum(gemm.values())
     return PieceTime(F=F, B=B, W=W, a2a_F=w.a2a_fwd_s, a2a_B=w.a2a_bwd_s)
 
@@ -361,9 +400,10 @@ def microbatches(pc: PlanConfig, plan: LayoutPlan, cand: Candidate) -> int:
 def layout_plan(pc: PlanConfig, cand: Candidate) -> LayoutPlan:
     """`plan_layout` for the candidate on the cluster (cp ranks come out of the data-parallel size)."""
     cfg = pc.model
+    _check_cp(pc, cand)
     spec = get_schedule(cand.schedule) if cand.pp > 1 else None
     return plan_layout(
-        world_size=pc.cluster.world_size, pp=cand.pp, ep=cand.ep, num_layers=cfg.num_hidden_layers,
+        world_size=pc.cluster.world_size, pp=cand.pp, ep=cand.ep, cp=cand.cp, num_layers=cfg.num_hidden_layers,
         n_routed_experts=cfg.n_routed_experts, stage_layers=list(cand.stage_layers) if cand.stage_layers else None,
         pieces_per_rank=spec.pieces_per_rank if spec else 1, ranks_per_node=pc.cluster.gpus_per_node,
         n_group=cfg.n_group, topk_group=cfg.topk_group, node_limit=pc.parallel.node_limit,
@@ -373,6 +413,12 @@ def layout_plan(pc: PlanConfig, cand: Candidate) -> LayoutPlan:
 def _schedule(cand: Candidate, m: int) -> Any:
     name = cand.schedule if cand.pp > 1 else "1f1b"
     return build_schedule(name, pp=cand.pp, num_microbatches=m)
+
+
+def _check_cp(pc: PlanConfig, cand: Candidate) -> None:
+    if cand.cp > 1 and pc.seq_len % (2 * cand.cp):
+        raise ValueError(f"seq_len={pc.seq_len} with parallel.cp={cand.cp}: context parallel cuts a sequence into "
+                         f"2*cp = {2 * cand.cp} chunks; make seq_len a multiple of {2 * cand.cp}")
 
 
 def rank_activation_peak(schedule: Any, *, rank: int, piece_bytes: list[float]) -> float:
@@ -435,7 +481,8 @@ def estimate(pc: PlanConfig, cand: Candidate, *, plan: LayoutPlan | None = None)
     dp_s = opt_s = 0.0
     usable = cl.hbm_gb * GB * (1 - pc.memory_margin)
     for r in range(cand.pp):
-        mine = [specs[i] for i in rank_pieces(layout, rank=r)]
+        mine_idx = rank_pieces(layout, rank=r)
+        mine = [specs[i] for i in mine_idx]
         rp, z = rank_model_state(pc, plan, layout, rank=r)
         g = plan.dp if pc.parallel.zero1 else 1
         ge = plan.edp if pc.parallel.zero1 else 1
@@ -446,6 +493,8 @@ def estimate(pc: PlanConfig, cand: Candidate, *, plan: LayoutPlan | None = None)
         a2a_buf = 0.0
         if any(cfg.is_moe_layer(i) for s in mine for i in s.layers) and plan.ep > 1:
             a2a_buf = 2.0 * n * cfg.num_experts_per_tok * cfg.hidden_size * (2 if pc.precision != "fp32" else 4)
+        # under cp, one layer's backward holds the recomputed keys and values of all S positions
+        a2a_buf += max((works[i].cp_transient_bytes for i in mine_idx), default=0.0)
         buckets = params if plan.dp > 1 else 0.0
         total = 2 * params + opt + max(acts + a2a_buf, buckets)
         mb = MemoryBreakdown(pp_rank=r, params=params, grads=params, optimizer=opt, activations=acts,
@@ -479,8 +528,9 @@ def estimate(pc: PlanConfig, cand: Candidate, *, plan: LayoutPlan | None = None)
     peak_prec = cl.peak_tflops_fp8 if pc.precision == "fp8" else cl.peak_tflops_bf16
     gpu_hours = pc.tokens / tps / 3600
     notes = []
-    if not cand.launchable:
-        notes.append("context parallel is modelled only: megads' mesh has no cp yet (not launchable)")
+    if cand.cp > 1:
+        notes.append(f"context parallel {cand.cp}: the MLA latent exchanges are exposed (not overlapped), "
+                     f"{sum(w.cp_bytes for w in works) / 1e6:.1f} MB sent per rank per micro-batch over its pieces")
     if pc.precision == "fp8":
         notes.append("FP8 is modelled analytically (GEMM peak, 1-byte dispatch, 1-byte GEMM inputs); the trainer's "
                      "precision=fp8 runs it (docs/fp8.md: only the emulated backend is wired so far)")

@@ -53,11 +53,10 @@ def throughput_png(ests: list[Estimate], path: Path, *, top: int = 30) -> Path:
     shown = ests[:top]
     fig, ax = plt.subplots(figsize=(11, 0.28 * len(shown) + 1.5))
     ys = list(range(len(shown)))[::-1]
-    colors = ["tab:green" if e.memory.fits and e.candidate.launchable else "tab:orange" if e.memory.fits
-              else "tab:red" for e in shown]
+    colors = ["tab:green" if e.memory.fits else "tab:red" for e in shown]
     ax.barh(ys, [e.tokens_per_s_per_gpu for e in shown], color=colors)
     ax.set_yticks(ys, [f"{e.candidate.label()} ({e.memory.total / GB:.0f} GB)" for e in shown], fontsize=7)
-    ax.set_xlabel("predicted tokens/s/GPU (green: fits, orange: fits, not launchable, red: does not fit)")
+    ax.set_xlabel("predicted tokens/s/GPU (green: fits, red: does not fit)")
     ax.set_title(f"{len(ests)} valid layouts, best {len(shown)}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,5 +54,5 @@ def search(pc: PlanConfig) -> tuple[list[Estimate], int]:
         e = evaluate(pc, cand)
         if e is not None:
             out.append(e)
-    out.sort(key=lambda e: (not e.memory.fits, not e.candidate.launchable, -e.tokens_per_s_per_gpu))
+    out.sort(key=lambda e: (not e.memory.fits, -e.tokens_per_s_per_gpu))
     return out, n
