@@ -142,8 +142,28 @@ def _pp_steps(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def _cp_steps(rank: int, world: int) -> dict[str, Any]:
+    """One step of pp1 x ep1 x cp2 (MTP on), fp32 and bf16: where it read the host, latent bytes sent."""
+    from megads.parallel.executor import ParallelExecutor
+    from megads.parallel.mesh import ParallelMesh, plan_layout
+
+    cfg = tiny_config()
+    ids, labels = _batch(cfg)
+    out: dict[str, Any] = {}
+    for name, amp in (("fp32", None), ("bf16", torch.bfloat16)):
+        plan = plan_layout(world_size=world, pp=1, ep=1, cp=world, num_layers=cfg.num_hidden_layers,
+                           n_routed_experts=cfg.n_routed_experts, n_group=cfg.n_group, topk_group=cfg.topk_group)
+        ex = ParallelExecutor(cfg, mesh=ParallelMesh.build(plan), plan=plan, micro_batch_size=1, seed=SEED,
+                              optim=OPTIM, autocast_dtype=amp)
+        with count_host_reads() as reads:
+            m = ex.step(ids, labels, mtp_weight=MTP)
+        out[name] = {"where": reads.where, "cp_bytes": int(m.extras["cp_bytes"])}
+    return out
+
+
 def _two_rank_worker(rank: int, world: int, outdir: str) -> None:
-    torch.save({"ep_reads": _ep_reads(rank, world), "pp": _pp_steps(rank, world)}, Path(outdir) / f"rank{rank}.pt")
+    torch.save({"ep_reads": _ep_reads(rank, world), "pp": _pp_steps(rank, world), "cp": _cp_steps(rank, world)},
+               Path(outdir) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +178,20 @@ def test_expert_parallel_moe_reads_the_split_sizes_once(two_ranks: list[dict[str
         assert len(res["ep_reads"]) == 4
         for case, where in res["ep_reads"].items():
             assert len(where) == 1 and "expert_parallel.py" in where[0], (rank, case, where)
+
+
+def test_context_parallel_reads_nothing_in_the_model_and_sends_the_latent_in_bf16(
+        two_ranks: list[dict[str, Any]]) -> None:
+    """Under cp the balance loss's sequence length and the MTP depths' rows stay on the device (no
+    read in router.py or the stage), and under bf16 autocast the latent crosses in bf16: half the
+    bytes of fp32 (the rotated rope key comes out of float32 tables and is cast before the gather)."""
+    for rank, res in enumerate(two_ranks):
+        for name in ("fp32", "bf16"):
+            model_reads = [w for w in res["cp"][name]["where"] if "router.py" in w or "stages.py" in w
+                           or "attention.py" in w or "context_parallel.py" in w]
+            assert model_reads == [], (rank, name, model_reads)
+        assert res["cp"]["fp32"]["cp_bytes"] > 0
+        assert 2 * res["cp"]["bf16"]["cp_bytes"] == res["cp"]["fp32"]["cp_bytes"], (rank, res["cp"])
 
 
 def _reference(cfg: Any, amp: torch.dtype | None, *, round_after: int | None = None) -> dict[str, Any]:

@@ -78,7 +78,9 @@ class MLA(nn.Module):
             # the other pieces' keys from their latents: [c_kv ; RoPE(k_rope)] of all S positions.
             # The per-head keys and values of the S positions (S x H(P+R+V) values) are recomputed
             # from the gathered latent (S x (C+R)) in the backward instead of being kept.
-            latent_BSX = shard.gather(torch.cat([c_kv_BTC, k_rope_BTR], dim=-1))
+            # k_rope comes out of the rotation in float32 (the cos/sin tables); in the GEMMs' dtype
+            # (bf16 under autocast) the exchange moves half the bytes, and attention casts it there anyway
+            latent_BSX = shard.gather(torch.cat([c_kv_BTC, k_rope_BTR.to(c_kv_BTC.dtype)], dim=-1))
             c_kv_BSC, k_rope_BSR = latent_BSX.split([self.kv_rank, self.rope_dim], dim=-1)
             out_BTX = checkpoint(self.attend, q_BTHQ, c_kv_BSC, k_rope_BSR, shard.runs(), use_reentrant=False)
         return self.o_proj(out_BTX)

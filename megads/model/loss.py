@@ -45,7 +45,7 @@ def head_cross_entropy(
     N = labels_BT.numel()
     if denominator is not None:
         h_ND, labels_N = h_BTD.reshape(N, h_BTD.shape[-1]), labels_BT.reshape(N)
-        step = N if chunk_tokens <= 0 else chunk_tokens
+        step = max(N, 1) if chunk_tokens <= 0 else chunk_tokens  # N = 0: a rank without rows adds 0
         total = h_ND.new_zeros((), dtype=torch.float32)
         for lo in range(0, N, step):
             piece = (h_ND[lo : lo + step], labels_N[lo : lo + step])

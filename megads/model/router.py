@@ -103,8 +103,9 @@ class Router(nn.Module):
             if self.sequence_sum is not None:  # a piece of each sequence: the whole one's counts and length
                 stats_BX = torch.cat([counts_BE, counts_BE.new_full((B, 1), float(T))], dim=1)
                 self.sequence_sum(stats_BX)
-                counts_BE, T_seq = stats_BX[:, :E], float(stats_BX[0, E])
-                f_BE = counts_BE * (E / (self.top_k * T_seq))
+                # the whole sequence's length stays a device tensor: reading it would be a host sync
+                counts_BE, T_seq = stats_BX[:, :E], stats_BX[0, E]
+                f_BE = counts_BE * (E / self.top_k) / T_seq
             else:
                 f_BE = counts_BE * (E / (self.top_k * T))
         share_BTE = (scores_NE / scores_NE.sum(-1, keepdim=True)).view(B, T, E)

@@ -36,6 +36,7 @@ Shapes: B micro-batch sequences, T this rank's rows, S positions of the whole se
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,15 +49,32 @@ from megads.model.rope import RopeCache
 from megads.model.router import Router
 
 
-def zigzag_positions(seq_len: int, *, cp: int, rank: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def zigzag_position_list(seq_len: int, *, cp: int, rank: int) -> list[int]:
     """Positions (ascending) of the rows rank `rank` of `cp` holds: chunks rank and 2cp-1-rank."""
     if seq_len % (2 * cp):
         raise ValueError(f"context parallel: a sequence of {seq_len} tokens cannot be cut into 2*cp = {2 * cp} "
                          f"equal chunks; use a seq_len that is a multiple of {2 * cp}")
     c = seq_len // (2 * cp)
-    early = torch.arange(rank * c, (rank + 1) * c, device=device)
-    late = torch.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c, device=device)
-    return torch.cat([early, late])
+    return [*range(rank * c, (rank + 1) * c), *range((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)]
+
+
+def zigzag_positions(seq_len: int, *, cp: int, rank: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`zigzag_position_list` as a tensor on `device`."""
+    return torch.tensor(zigzag_position_list(seq_len, cp=cp, rank=rank), dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_layout(seq_len: int, cp: int, limit: int) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...], int]:
+    """(positions below `limit` of every rank, the gathered row of every position, rows per rank
+    padded to the longest). Host bookkeeping in Python: built once per length, never read back
+    from a device."""
+    ranks = tuple(tuple(p for p in zigzag_position_list(seq_len, cp=cp, rank=r) if p < limit) for r in range(cp))
+    rows_max = max(len(p) for p in ranks)
+    index = [0] * limit
+    for r, positions in enumerate(ranks):
+        for i, p in enumerate(positions):
+            index[p] = r * rows_max + i
+    return ranks, tuple(index), rows_max
 
 
 class _GatherRows(torch.autograd.Function):
@@ -131,16 +149,11 @@ class ContextParallel:
 
     def shard(self, seq_len: int, *, limit: int | None = None, device: torch.device | str = "cpu") -> LatentShard:
         """The shard of positions < `limit` (default: the whole sequence) of a `seq_len` sequence."""
-        limit = seq_len if limit is None else limit
-        ranks = [zigzag_positions(seq_len, cp=self.size, rank=r) for r in range(self.size)]
-        ranks = [p[p < limit] for p in ranks]
-        rows_max = max(len(p) for p in ranks)
-        index_S = torch.empty(limit, dtype=torch.long)
-        for r, p in enumerate(ranks):
-            index_S[p] = r * rows_max + torch.arange(len(p))
-        mine = ranks[self.rank]
-        return LatentShard(self, positions_T=mine.to(device), index_S=index_S.to(device), rows_max=rows_max,
-                           row_runs=position_runs(mine.tolist()))
+        ranks, index, rows_max = _shard_layout(seq_len, self.size, seq_len if limit is None else limit)
+        mine = list(ranks[self.rank])
+        return LatentShard(self, positions_T=torch.tensor(mine, dtype=torch.long, device=device),
+                           index_S=torch.tensor(index, dtype=torch.long, device=device), rows_max=rows_max,
+                           row_runs=position_runs(mine))
 
     def rope(self, model: nn.Module, seq_len: int, *, dtype: torch.dtype, device: torch.device,
              limit: int | None = None) -> RopeCache:

@@ -369,10 +369,11 @@ class DeepseekStage(StageBase):
                     x_BTD, rope_k = m.mtp_input(module, k, c.h_BTD, ids_BT, rope)
                     labels_k_BT, denominator = labels_BT[:, k:], None
                 else:  # rows i < T-k: embedding of token i+k, label of i+k+1, keys over the T-k positions
-                    keep_T = rope.shard.positions_T < T - k  # type: ignore[union-attr]
                     rope_k = cp.rope(m, T, limit=T - k, dtype=self.dtype, device=self.device)
                     pos_T = rope_k.shard.positions_T  # type: ignore[union-attr]
-                    x_BTD = module.project(c.h_BTD[:, keep_T], m.embed(ids_BT[:, pos_T + k]))
+                    # the rows below T - k are a prefix of the previous depth's (positions ascend):
+                    # a slice by a shape, not a boolean mask (which would read the device)
+                    x_BTD = module.project(c.h_BTD[:, : pos_T.shape[0]], m.embed(ids_BT[:, pos_T + k]))
                     labels_k_BT, denominator = labels_BT[:, pos_T + k], label_count(labels_BT[:, k:])
                     rope = rope_k
                 c.h_BTD = x_BTD

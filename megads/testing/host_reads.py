@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 # aten overload packets that read values to size their output (or are the read itself)
 _READ_OPS = {
@@ -82,9 +82,22 @@ def count_host_reads() -> Iterator[HostReads]:
         reads.where.append(f"tolist  {_caller()}")
         return tolist(self)
 
+    # torch's CausalBias (the context-parallel attention's bottom-right mask) is a Tensor subclass
+    # that cannot be constructed while any dispatch mode is active; it is built from two Python
+    # ints, so the counter steps aside for its construction
+    from megads.model import attention
+
+    causal_lower_right = attention.causal_lower_right
+
+    def unmoded_causal_lower_right(*size: int) -> Any:
+        with _disable_current_modes():
+            return causal_lower_right(*size)
+
     torch.Tensor.tolist = counted_tolist  # type: ignore[method-assign]
+    attention.causal_lower_right = unmoded_causal_lower_right  # type: ignore[assignment]
     try:
         with _ReadMode(reads):
             yield reads
     finally:
         torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+        attention.causal_lower_right = causal_lower_right  # type: ignore[assignment]
