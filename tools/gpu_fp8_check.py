@@ -1,39 +1,57 @@
 """FP8 checks of `tools/gpu_check.sh` (issue 12 item 5): the emulation against the GPU's own FP8
 GEMMs, FP8/BF16 GEMM speed, and the `small` model's step time and peak memory.
 
-    python -m tools.gpu_fp8_check [--device cuda] [--out gpu_check_out] [--quick]
+    python -m tools.gpu_fp8_check [--device cuda] [--out gpu_check_out] [--quick] [--budget S]
+    python -m tools.gpu_fp8_check --dry-run     # CPU: the control flow, every CUDA part skipped
 
-Each check runs on its own and records `ok`, `skipped` (with what is missing: no CUDA, no
-Transformer Engine, a torch without block-wise `scaled_mm`) or `failed` (with the error) in
-`<out>/fp8_check.json`; the exit code is 1 if any check failed. The peers:
+Each check runs on its own and records `ok`, `skipped` (with the reason: no CUDA, a torch built
+with CUDA < 12.9, a torch without a block-wise FP8 GEMM, no Transformer Engine or TE saying its
+block-scaling recipe is unsupported here, the time budget spent) or `failed` (with the error) in
+`<out>/fp8_check.json`; the exit code is 1 if any check failed. An optional API that is missing or
+refuses the call as unsupported is a skip, never a failure. The peers:
 
 - `emulation-device-vs-cpu`: the emulation (megads.model.fp8) run on the device against the same
   call on the CPU, forward and both gradients (not bit for bit: the GPU's FP32 GEMMs sum in
-  another order; bound: relative 1e-5 of the output's max);
+  another order; bound: relative 1e-5 of the output's max, with TF32 pinned off);
 - `torch-rowwise`: `torch._scaled_mm` with row-wise activation scales and one weight scale (one K
-  block, K = 128), the case the CPU test covers too;
-- `torch-blockwise`: `torch.nn.functional.scaled_mm` with DeepSeek's scaling (1 x 128 activation
-  tiles, 128 x 128 weight blocks; cuBLAS 12.9+ on compute capability 9.x), BF16 output;
-- `te-blockwise`: Transformer Engine's `te.Linear` under `fp8_autocast` with the
-  `Float8BlockScaling` recipe, forward and both gradients;
+  block, K = 128), the case the CPU test covers too; FP32 output (bound 1e-5), or, where this
+  build refuses FP32 output for row-wise scaling, BF16 output (bound 1e-2; `output` says which);
+- `torch-blockwise`: DeepSeek's scaling (1 x 128 activation tiles, 128 x 128 weight blocks; needs
+  compute capability 9.x and a torch built with CUDA >= 12.9) through
+  `torch.nn.functional.scaled_mm` (its `ScalingType` member names differ by torch version, see
+  `_SCALING_NAMES`) or else `torch._scaled_mm` with block-shaped scales (torch >= 2.9), BF16
+  output; `api` says which ran;
+- `te-blockwise`: Transformer Engine's `te.Linear` under `te.autocast` (older TE:
+  `te.fp8_autocast`) with the `Float8BlockScaling` recipe, forward and both gradients, after TE's
+  own support probe;
   both against the emulation of the same product (bound: BF16 rounding, relative 1e-2 of the
-  output's max: the emulation computes in FP32 and rounds once);
-- `gemm-speed`: BF16 `torch.mm` against the block-wise FP8 GEMMs on `small`'s linear shapes;
-- `model-step`: `small` forward + backward + AdamW step in BF16 autocast and with the FP8
-  emulation: tokens/s and peak memory (the emulation is a reference, not a fast path: its
-  FP8/BF16 ratio says what the te/torch backends must win back, docs/fp8.md).
+  output's max: the emulation computes in FP32 and rounds once; the cosine similarity and the
+  worst per-column relative difference are recorded too, not bounded);
+- `gemm-speed`: BF16 `torch.mm` against the block-wise FP8 GEMM on `small`'s linear shapes (the
+  operands are quantised and the scales laid out before timing: only the GEMM is timed);
+- `model-step`: `small` forward + backward + AdamW step, the same batch both ways, both under
+  BF16 autocast (as training runs `precision=bf16` and `precision=fp8` on CUDA): `bf16` runs
+  every linear as a BF16 GEMM; `fp8_emulated` runs the linears of the blocks through the FP8
+  emulation (quantise/dequantise + FP32 GEMMs, megads.model.fp8), the rest (attention core,
+  norms, router, head) as in `bf16`: tokens/s and peak memory (the emulation is a reference, not
+  a fast path: its time ratio says what the te/torch backends must win back, docs/fp8.md).
 
 `--device cpu --quick` runs the same code on tiny shapes (what the test suite does; the GPU-only
-checks then say `skipped`).
+checks then say `skipped`). `--dry-run` is that on CPU whatever the machine has: it also runs the
+API probes (which block-wise GEMM and which TE probe this install would use) and names them in the
+skip reasons.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +63,13 @@ class Skip(Exception):
     """A check that cannot run here (what is missing)."""
 
 
+# An error raised by an optional API that means "not supported here" (CUDA/cuBLAS too old, wrong
+# GPU, recipe not implemented): such a check is skipped with the message, not failed.
+_UNSUPPORTED = re.compile(r"not supported|unsupported|only supported|requires|required|not implemented|"
+                          r"NotImplemented|CUDA >= ?12\.9|CUDA 12\.9|cuBLAS ?(Lt)? version|sm_?90|compute capability",
+                          re.IGNORECASE)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -53,6 +78,42 @@ def _sync(device: torch.device) -> None:
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to max |b|."""
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def _col_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The worst column's max |a - b| relative to that column's max |b| (a wrong scale in a small
+    column hides under `_rel` when a few large columns set the max)."""
+    a, b = a.float().reshape(-1, a.shape[-1]), b.float().reshape(-1, b.shape[-1])
+    return float(((a - b).abs().amax(0) / b.abs().amax(0).clamp_min(1e-30)).max())
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
+
+
+def _cuda_version() -> tuple[int, int] | None:
+    """The CUDA version this torch was built with, (major, minor); None for CPU/ROCm builds."""
+    v = torch.version.cuda
+    if not v:
+        return None
+    m = re.match(r"(\d+)\.(\d+)", v)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+@contextlib.contextmanager
+def _exact_fp32() -> Iterator[None]:
+    """FP32 GEMMs in full FP32 (TF32 off in cuBLAS and cuDNN) for the bounds that assume it; the
+    previous settings come back afterwards."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+           torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[:2]
+        torch.set_float32_matmul_precision(old[2])
 
 
 def _operands(n: int, k: int, o: int, device: torch.device, seed: int = 0):
@@ -75,60 +136,195 @@ def check_emulation_device(device: torch.device, quick: bool) -> dict:
         raise Skip("needs a CUDA device (compares the emulation on the device with the CPU)")
     shapes = [(77, 200, 130), (512, 512, 1536)] if quick else [(77, 200, 130), (2048, 512, 1536), (4096, 1536, 512)]
     worst = 0.0
-    for n, k, o in shapes:
-        x, w, g = _operands(n, k, o, torch.device("cpu"))
-        ref = _emulated(x, w, g)
-        got = _emulated(x.to(device), w.to(device), g.to(device))
-        worst = max(worst, *(_rel(a.cpu(), b) for a, b in zip(got, ref)))
+    with _exact_fp32():
+        for n, k, o in shapes:
+            x, w, g = _operands(n, k, o, torch.device("cpu"))
+            ref = _emulated(x, w, g)
+            got = _emulated(x.to(device), w.to(device), g.to(device))
+            worst = max(worst, *(_rel(a.cpu(), b) for a, b in zip(got, ref)))
     ok = worst < 1e-5
-    return {"status": "ok" if ok else "failed", "shapes": shapes, "max_rel_diff": worst, "bound": 1e-5}
+    return {"status": "ok" if ok else "failed", "shapes": shapes, "max_rel_diff": worst, "bound": 1e-5,
+            "tf32": "off (pinned for this check)"}
 
 
 def check_torch_rowwise(device: torch.device, quick: bool) -> dict:
     if not hasattr(torch, "_scaled_mm"):
-        raise Skip("this torch has no torch._scaled_mm")
+        raise Skip(f"torch {torch.__version__} has no torch._scaled_mm")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise Skip(f"FP8 _scaled_mm needs compute capability 8.9+ (this GPU: {torch.cuda.get_device_capability(device)})")
     x, w, _ = _operands(256, BLOCK, 128, device, seed=1)
     qx, sx = quantize_tiles(x)
     qw, sw = quantize_blocks(w)
-    peer = torch._scaled_mm(qx, qw.t(), scale_a=sx.reshape(-1, 1).contiguous(),
-                            scale_b=sw.reshape(1, 1).expand(1, w.shape[0]).contiguous(), out_dtype=torch.float32)
-    rel = _rel(peer, fp8_linear(x, w))
-    return {"status": "ok" if rel < 1e-5 else "failed", "max_rel_diff": rel, "bound": 1e-5, "shape": [256, BLOCK, 128]}
+    scale_a = sx.reshape(-1, 1).contiguous()
+    scale_b = sw.reshape(1, 1).expand(1, w.shape[0]).contiguous()
+    out: dict = {"shape": [256, BLOCK, 128]}
+    with _exact_fp32():
+        ref = fp8_linear(x, w)
+        try:
+            peer = torch._scaled_mm(qx, qw.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32)
+            out.update(output="float32", bound=1e-5)
+        except RuntimeError as e:
+            # Older CUDA builds route row-wise scaling to a CUTLASS kernel that was BF16-output only
+            # ("Only bf16 high precision output types are supported for row-wise scaling"; cuBLAS,
+            # used on sm90 with CUDA >= 12.9, takes FP32): BF16 output, BF16 rounding bound.
+            if device.type != "cuda":
+                raise
+            out["float32_output_refused"] = f"{type(e).__name__}: {e}"[:300]
+            peer = torch._scaled_mm(qx, qw.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+            out.update(output="bfloat16 (this build refused float32 output)", bound=1e-2)
+    rel = _rel(peer, ref)
+    out.update(status="ok" if rel < out["bound"] else "failed", max_rel_diff=rel)
+    return out
 
 
-def _blockwise_mm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
-    """x @ w^T through `F.scaled_mm` with 1 x 128 tiles for x and 128 x 128 blocks for w (the
-    layouts torch's own tests use: scales outer-dimension-major, w's block scales padded to a
-    multiple of 4 along K)."""
+# ScalingType member names of `torch.nn.functional.scaled_mm`, by torch version:
+# - torch 2.13 (checked on this machine's 2.13.0): a C++-bound enum `F._ScalingType` exported as
+#   `F.ScalingType`, members TensorWise, RowWise, BlockWise1x16, BlockWise1x32, BlockWise1x128,
+#   BlockWise128x128;
+# - the first `scaled_mm` (a Python `enum.Enum` in torch/nn/functional.py over
+#   `torch._scaled_mm_v2`, late 2025; whether torch 2.10-2.12 ship it is not checked):
+#   Tensorwise, Rowwise, Blockwise_1x16, Blockwise_1x32, Blockwise_1x128, Blockwise_128x128.
+# The first name that exists wins; none: `torch._scaled_mm` below.
+_SCALING_NAMES = {"1x128": ("BlockWise1x128", "Blockwise_1x128", "Blockwise1x128"),
+                  "128x128": ("BlockWise128x128", "Blockwise_128x128", "Blockwise128x128")}
+
+
+def scaling_type_members() -> list[str] | None:
+    """The member names of `torch.nn.functional.ScalingType` (None: no such enum), for the record."""
     import torch.nn.functional as F  # noqa: N812, PLC0415
 
-    if not hasattr(F, "scaled_mm") or not hasattr(F, "ScalingType"):
-        raise Skip(f"torch {torch.__version__} has no torch.nn.functional.scaled_mm with ScalingType")
+    st = getattr(F, "ScalingType", None)
+    if st is None:
+        return None
+    members = getattr(st, "__members__", None)
+    return sorted(members) if members else sorted(n for n in dir(st) if not n.startswith("_"))
+
+
+@dataclass
+class BlockwiseApi:
+    """A block-wise FP8 GEMM of this torch: `name` says which; `recipes` the ScalingType members
+    (1 x 128, 128 x 128) for `F.scaled_mm`, None for `torch._scaled_mm`."""
+
+    name: str
+    recipes: tuple | None = None
+
+
+def blockwise_apis() -> list[BlockwiseApi]:
+    """The block-wise FP8 GEMMs this torch offers, preferred first (Skip if none)."""
+    import torch.nn.functional as F  # noqa: N812, PLC0415
+
+    apis, why = [], []
+    st = getattr(F, "ScalingType", None)
+    if hasattr(F, "scaled_mm") and st is not None:
+        found = [next((getattr(st, n) for n in names if hasattr(st, n)), None) for names in _SCALING_NAMES.values()]
+        if None in found:
+            why.append(f"torch.nn.functional.ScalingType has none of {_SCALING_NAMES} (members: {scaling_type_members()})")
+        else:
+            apis.append(BlockwiseApi(f"F.scaled_mm ({', '.join(str(r) for r in found)})", tuple(found)))
+    else:
+        why.append("no torch.nn.functional.scaled_mm/ScalingType")
+    # torch >= 2.9 (pytorch PR #158037): `torch._scaled_mm` recognises DeepSeek's block scaling
+    # from the scale shapes ([M, K/128] and [K/128, N/128]).
+    if hasattr(torch, "_scaled_mm"):
+        apis.append(BlockwiseApi("torch._scaled_mm (block-shaped scales)"))
+    else:
+        why.append("no torch._scaled_mm")
+    if not apis:
+        raise Skip(f"torch {torch.__version__} has no block-wise FP8 GEMM: {'; '.join(why)}")
+    return apis
+
+
+def _blockwise_fn(api: BlockwiseApi, qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor,
+                  sw: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """x @ w^T with 1 x 128 tiles for x and 128 x 128 blocks for w, BF16 output: the scale layouts
+    are built here, once (the layouts torch's own tests use: scales outer-dimension-major; for
+    `F.scaled_mm` w's block scales padded to a multiple of 4 along K, a no-op when K/128 is one);
+    the returned function runs only the GEMM."""
+    import torch.nn.functional as F  # noqa: N812, PLC0415
+
     kb = sx.shape[1]
-    l4 = -(-kb // 4) * 4
-    sw_pad = torch.nn.functional.pad(sw, (0, l4 - kb))  # [O/128, L4]
     scale_a = sx.t().contiguous().t()  # [N, K/128], outer-dimension-major
-    scale_b = sw_pad.t()                # [L4, O/128]
-    return F.scaled_mm(qx, qw.t(), scale_a, F.ScalingType.BlockWise1x128, scale_b, F.ScalingType.BlockWise128x128,
-                       output_dtype=torch.bfloat16)
+    qwt = qw.t()
+    if api.recipes is None:
+        scale_b = sw.t()  # [K/128, O/128]
+        return lambda: torch._scaled_mm(qx, qwt, scale_a, scale_b, out_dtype=torch.bfloat16)
+    l4 = -(-kb // 4) * 4
+    scale_b = torch.nn.functional.pad(sw, (0, l4 - kb)).t()  # [L4, O/128]
+    ra, rb = api.recipes
+    return lambda: F.scaled_mm(qx, qwt, scale_a, ra, scale_b, rb, output_dtype=torch.bfloat16)
+
+
+def _meta_probe(apis: list[BlockwiseApi]) -> list[str]:
+    """Each API called on meta tensors (N, K, O = 256, 640, 768: K/128 = 5 needs the padding):
+    whether this torch's shape/stride checks accept the operands and scale layouts we build. A CPU
+    check of the call, not of the kernel."""
+    n, k, o = 256, 640, 768
+    meta = torch.device("meta")
+    qx, qw = (torch.empty(r, k, dtype=torch.float8_e4m3fn, device=meta) for r in (n, o))
+    sx, sw = torch.empty(n, k // BLOCK, device=meta), torch.empty(o // BLOCK, k // BLOCK, device=meta)
+    said = []
+    for api in apis:
+        try:
+            y = _blockwise_fn(api, qx, sx, qw, sw)()
+            said.append(f"{api.name}: layouts accepted on meta tensors ({tuple(y.shape)}, {y.dtype})")
+        except Exception as e:  # noqa: BLE001
+            said.append(f"{api.name}: meta call raised {type(e).__name__}: {str(e)[:200]}")
+    return said
+
+
+def blockwise_ready(device: torch.device) -> list[BlockwiseApi]:
+    """The block-wise GEMMs to try on `device`, or Skip with why none can run (checked up front:
+    cuBLASLt's block scaling needs CUDA >= 12.9 and compute capability 9.x)."""
+    apis = blockwise_apis()
+    if device.type != "cuda":
+        raise Skip(f"block-wise FP8 GEMMs run on CUDA only (this torch would try, in order: {_meta_probe(apis)})")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        raise Skip(f"block-wise FP8 GEMMs need compute capability 9.x (this GPU: {major}.{minor})")
+    cv = _cuda_version()
+    if cv is None or cv < (12, 9):
+        raise Skip(f"block-wise FP8 GEMMs (cuBLASLt block scaling) need a torch built with CUDA >= 12.9; "
+                   f"this torch {torch.__version__} is built with CUDA {torch.version.cuda}")
+    return apis
+
+
+def _first_working(apis: list[BlockwiseApi], operands: tuple) -> tuple[BlockwiseApi, torch.Tensor, dict]:
+    """The first API whose call runs on these operands, its result, and the others' errors. If none
+    runs: Skip when every error says "unsupported", else the first error is raised (a failure)."""
+    errors: dict = {}
+    for api in apis:
+        try:
+            return api, _blockwise_fn(api, *operands)(), errors
+        except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError) as e:
+            errors[api.name] = f"{type(e).__name__}: {e}"[:400]
+    if all(_UNSUPPORTED.search(m) for m in errors.values()):
+        raise Skip(f"no block-wise FP8 GEMM runs here: {errors}")
+    raise RuntimeError(f"every block-wise FP8 GEMM raised: {errors}")
 
 
 def check_torch_blockwise(device: torch.device, quick: bool) -> dict:
-    if device.type != "cuda":
-        raise Skip("block-wise scaled_mm runs on CUDA only")
-    major, minor = torch.cuda.get_device_capability(device)
-    if major != 9:
-        raise Skip(f"block-wise scaled_mm needs compute capability 9.x (this GPU: {major}.{minor})")
+    apis = blockwise_ready(device)
     shapes = [(256, 512, 768)] if quick else [(256, 512, 768), (4096, 512, 1536), (4096, 1536, 512), (4096, 512, 8192)]
-    worst = 0.0
-    for n, k, o in shapes:
-        x, w, _ = _operands(n, k, o, device, seed=2)
-        qx, sx = quantize_tiles(x)
-        qw, sw = quantize_blocks(w)
-        peer = _blockwise_mm(qx, sx, qw, sw)
-        worst = max(worst, _rel(peer, fp8_linear(x, w)))
-    return {"status": "ok" if worst < 1e-2 else "failed", "shapes": shapes, "max_rel_diff": worst, "bound": 1e-2,
-            "output": "bfloat16"}
+    worst = {"rel": 0.0, "col_rel": 0.0, "cos_min": 1.0}
+    api, errors = None, {}
+    with _exact_fp32():
+        for n, k, o in shapes:
+            x, w, _ = _operands(n, k, o, device, seed=2)
+            ops = (*quantize_tiles(x), *quantize_blocks(w))
+            if api is None:
+                api, peer, errors = _first_working(apis, ops)
+            else:
+                peer = _blockwise_fn(api, *ops)()
+            ref = fp8_linear(x, w)
+            worst["rel"] = max(worst["rel"], _rel(peer, ref))
+            worst["col_rel"] = max(worst["col_rel"], _col_rel(peer, ref))
+            worst["cos_min"] = min(worst["cos_min"], _cos(peer, ref))
+    out = {"status": "ok" if worst["rel"] < 1e-2 else "failed", "api": api.name, "shapes": shapes,
+           "max_rel_diff": worst["rel"], "bound": 1e-2, "worst_column_rel_diff": worst["col_rel"],
+           "min_cosine": worst["cos_min"], "output": "bfloat16"}
+    if errors:
+        out["apis_that_raised"] = errors
+    return out
 
 
 def _te():
@@ -140,27 +336,99 @@ def _te():
     return te, Float8BlockScaling
 
 
+def _te_block_scaling_support(te) -> tuple[bool, str, str]:
+    """TE's own answer to "does Float8BlockScaling run here": (supported, reason, which probe).
+    The probe moved between TE versions; the first that exists answers:
+    - newer TE (transformer_engine/pytorch/quantization.py, exported at the top level):
+      `te.is_fp8_block_scaling_available(return_reason=True)`, and the module's
+      `check_fp8_block_scaling_support()`;
+    - older TE with block scaling (transformer_engine/pytorch/fp8.py):
+      `check_fp8_block_scaling_support()` and `FP8GlobalStateManager.is_fp8_block_scaling_available()`.
+    None of them: TE's rule itself (compute capability 9.x or newer and a torch built with
+    CUDA >= 12.9)."""
+    import importlib  # noqa: PLC0415
+
+    probes: list[tuple[str, Callable[[], object]]] = []
+    if hasattr(te, "is_fp8_block_scaling_available"):
+        probes.append(("te.is_fp8_block_scaling_available",
+                       lambda: te.is_fp8_block_scaling_available(return_reason=True)))
+    for mod_name in ("transformer_engine.pytorch.quantization", "transformer_engine.pytorch.fp8"):
+        try:
+            mod = importlib.import_module(mod_name)
+        except Exception:  # noqa: BLE001, S112  (that TE version has no such module)
+            continue
+        if hasattr(mod, "check_fp8_block_scaling_support"):
+            probes.append((f"{mod_name}.check_fp8_block_scaling_support", mod.check_fp8_block_scaling_support))
+        mgr = getattr(mod, "FP8GlobalStateManager", None)
+        if mgr is not None and hasattr(mgr, "is_fp8_block_scaling_available"):
+            probes.append((f"{mod_name}.FP8GlobalStateManager.is_fp8_block_scaling_available",
+                           mgr.is_fp8_block_scaling_available))
+    for name, probe in probes:
+        try:
+            r = probe()
+        except Exception:  # noqa: BLE001, S112  (a probe with another signature: try the next)
+            continue
+        if isinstance(r, tuple):
+            return bool(r[0]), str(r[1]) if len(r) > 1 else "", name
+        return bool(r), "", name
+    ok = torch.cuda.get_device_capability() >= (9, 0) and (_cuda_version() or (0, 0)) >= (12, 9)
+    return ok, "" if ok else f"compute capability 9.0+ and CUDA >= 12.9 needed (torch CUDA {torch.version.cuda})", \
+        "none found: TE's rule (cc >= 9.0, CUDA >= 12.9)"
+
+
+def _te_autocast(te, recipe):
+    """`te.autocast(recipe=...)` where it exists (newer TE), else `te.fp8_autocast(fp8_recipe=...)`
+    (older TE; newer ones keep it, deprecated)."""
+    if hasattr(te, "autocast"):
+        return te.autocast(enabled=True, recipe=recipe), "te.autocast"
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe), "te.fp8_autocast"
+
+
 def check_te_blockwise(device: torch.device, quick: bool) -> dict:
     if device.type != "cuda":
         raise Skip("Transformer Engine needs a CUDA device")
     te, recipe_cls = _te()
+    te_version = getattr(te, "__version__", None)
+    if te_version is None:
+        with contextlib.suppress(Exception):
+            import transformer_engine  # noqa: PLC0415
+
+            te_version = transformer_engine.__version__
+    supported, reason, probe = _te_block_scaling_support(te)
+    if not supported:
+        raise Skip(f"Transformer Engine {te_version}: Float8BlockScaling unsupported here ({probe}: {reason})")
     shapes = [(256, 512, 768)] if quick else [(256, 512, 768), (4096, 512, 1536), (4096, 1536, 512)]
     worst = {"y": 0.0, "dx": 0.0, "dw": 0.0}
-    for n, k, o in shapes:
-        x, w, g = _operands(n, k, o, device, seed=3)
-        lin = te.Linear(k, o, bias=False, params_dtype=torch.float32, device=device)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-        xr = x.clone().requires_grad_()
-        with te.fp8_autocast(enabled=True, fp8_recipe=recipe_cls()):
-            y = lin(xr)
-        y.backward(g.to(y.dtype))
-        ref = _emulated(x, w, g)
-        for name, a, b in zip(("y", "dx", "dw"), (y, xr.grad, lin.weight.grad), ref):
-            worst[name] = max(worst[name], _rel(a, b))
+    col = {"y": 0.0, "dx": 0.0, "dw": 0.0}
+    cos = {"y": 1.0, "dx": 1.0, "dw": 1.0}
+    ctx_name = "?"
+    try:
+        with _exact_fp32():
+            for n, k, o in shapes:
+                x, w, g = _operands(n, k, o, device, seed=3)
+                lin = te.Linear(k, o, bias=False, params_dtype=torch.float32, device=device)
+                with torch.no_grad():
+                    lin.weight.copy_(w)
+                xr = x.clone().requires_grad_()
+                ctx, ctx_name = _te_autocast(te, recipe_cls())
+                with ctx:
+                    y = lin(xr)
+                y.backward(g.to(y.dtype))
+                ref = _emulated(x, w, g)
+                for name, a, b in zip(("y", "dx", "dw"), (y, xr.grad, lin.weight.grad), ref):
+                    worst[name] = max(worst[name], _rel(a, b))
+                    col[name] = max(col[name], _col_rel(a, b))
+                    cos[name] = min(cos[name], _cos(a, b))
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
+        # The probe said yes but the recipe still refused (a TE/CUDA combination the probe does not
+        # know): a skip if the message says "unsupported", else a failure.
+        if _UNSUPPORTED.search(str(e)):
+            raise Skip(f"Transformer Engine {te_version} refused Float8BlockScaling: {type(e).__name__}: {e}"[:600]) from e
+        raise
     ok = all(v < 1e-2 for v in worst.values())
     return {"status": "ok" if ok else "failed", "shapes": shapes, "max_rel_diff": worst, "bound": 1e-2,
-            "te_version": getattr(te, "__version__", "?")}
+            "worst_column_rel_diff": col, "min_cosine": cos, "te_version": te_version, "support_probe": probe,
+            "autocast": ctx_name}
 
 
 def _time(fn: Callable[[], object], device: torch.device, iters: int) -> float:
@@ -176,25 +444,48 @@ def _time(fn: Callable[[], object], device: torch.device, iters: int) -> float:
 def check_gemm_speed(device: torch.device, quick: bool) -> dict:
     if device.type != "cuda":
         raise Skip("GEMM speeds are measured on the GPU")
+    try:
+        apis, fp8_skip = blockwise_ready(device), None
+    except Skip as e:
+        apis, fp8_skip = [], str(e)
     n = 2048 if quick else 16384  # tokens of one step of small at batch 8 x 2048
     shapes = [(n, 512, 1536), (n, 1536, 512), (n, 512, 8192)]
-    rows = []
+    rows, api = [], None
     for t, k, o in shapes:
         x, w, _ = _operands(t, k, o, device, seed=4)
         xb, wb = x.bfloat16(), w.bfloat16()
-        row = {"shape": [t, k, o], "bf16_ms": 1e3 * _time(lambda a=xb, b=wb: a @ b.t(), device, 20)}
-        q = (*quantize_tiles(x), *quantize_blocks(w))
-        try:
-            row["torch_fp8_ms"] = 1e3 * _time(lambda q=q: _blockwise_mm(*q), device, 20)
-            row["torch_fp8_over_bf16"] = row["torch_fp8_ms"] / row["bf16_ms"]
-        except Exception as e:  # noqa: BLE001
-            row["torch_fp8"] = f"{type(e).__name__}: {e}"[:300]
+        row: dict = {"shape": [t, k, o], "bf16_ms": 1e3 * _time(lambda a=xb, b=wb: a @ b.t(), device, 20)}
+        if fp8_skip is None:
+            ops = (*quantize_tiles(x), *quantize_blocks(w))
+            try:
+                if api is None:
+                    api, _, _ = _first_working(apis, ops)
+                fn = _blockwise_fn(api, *ops)  # quantised operands and scale layouts built here, not timed
+                row["torch_fp8_ms"] = 1e3 * _time(fn, device, 20)
+                row["torch_fp8_over_bf16"] = row["torch_fp8_ms"] / row["bf16_ms"]
+            except Skip as e:
+                fp8_skip = str(e)
+            except Exception as e:  # noqa: BLE001
+                row["torch_fp8"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
-    return {"status": "ok", "rows": rows, "note": "operands already quantised; the quantisation is not timed"}
+    out = {"status": "ok", "rows": rows, "fp8_api": api.name if api else None,
+           "note": "operands quantised and scales laid out before timing; only the GEMM is timed"}
+    if fp8_skip is not None:
+        out["torch_fp8"] = f"skipped: {fp8_skip}"
+    return out
+
+
+MODEL_STEP_RUNS = {
+    "bf16": "megads DeepseekV3, native linears, forward+backward under torch.autocast(bfloat16), AdamW",
+    "fp8_emulated": "megads DeepseekV3, the blocks' linears through the FP8 emulation (Fp8Factory: "
+                    "quantise/dequantise + FP32 GEMMs, BF16 output), the rest as in bf16, under "
+                    "torch.autocast(bfloat16), AdamW (what precision=fp8 runs on CUDA)",
+}
 
 
 def _model_step(cfg, name: str, batch: int, seq: int, device: torch.device, iters: int) -> dict:
-    """Seconds of one forward + backward + AdamW step of the model (BF16 autocast or the FP8 emulation)."""
+    """Seconds of one forward + backward + AdamW step of the model (MODEL_STEP_RUNS[name]), under
+    BF16 autocast both ways."""
     from megads.model.transformer import DeepseekV3  # noqa: PLC0415
 
     torch.manual_seed(0)
@@ -204,7 +495,7 @@ def _model_step(cfg, name: str, batch: int, seq: int, device: torch.device, iter
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model.compute_loss(ids[:, :-1], ids[:, 1:], mtp_weight=0.3).total
         loss.backward()
         opt.step()
@@ -212,7 +503,7 @@ def _model_step(cfg, name: str, batch: int, seq: int, device: torch.device, iter
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     s = _time(step, device, iters)
-    row = {"batch": batch, "seq": seq, "step_s": s, "tokens_per_s": batch * seq / s}
+    row = {"runs": MODEL_STEP_RUNS[name], "batch": batch, "seq": seq, "step_s": s, "tokens_per_s": batch * seq / s}
     if device.type == "cuda":
         row["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
@@ -223,12 +514,26 @@ def check_model_step(device: torch.device, quick: bool) -> dict:
 
     preset = "tiny" if quick else "small"
     cfg = load_preset(preset)
+    seq, iters = (64, 2) if quick else (2048, 5)
+    # The same batch both ways; on CUDA out of memory, both again at half the batch.
+    batches = [2] if quick else [4, 2, 1]
     out: dict = {"status": "ok", "preset": preset}
-    for name, batch in (("bf16", 2 if quick else 8), ("fp8_emulated", 2)):
-        out[name] = _model_step(cfg, name, batch, 64 if quick else 2048, device, 2 if quick else 5)
-        if device.type == "cuda":
+    for batch in batches:
+        try:
+            for name in ("bf16", "fp8_emulated"):
+                out[name] = _model_step(cfg, name, batch, seq, device, iters)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            break
+        except torch.cuda.OutOfMemoryError as e:
+            out.pop("bf16", None)
+            out.setdefault("out_of_memory", []).append(f"batch {batch}: {str(e)[:200]}")
             torch.cuda.empty_cache()
+    else:
+        raise Skip(f"out of memory at every batch of {batches} x {seq}: {out.get('out_of_memory')}")
     out["fp8_emulated_over_bf16_time_per_token"] = out["bf16"]["tokens_per_s"] / out["fp8_emulated"]["tokens_per_s"]
+    out["note"] = ("same batch and autocast both ways; the ratio is what the emulation's quantise/dequantise "
+                   "and FP32 GEMMs cost over BF16 GEMMs (bench_model part 1 has bf16 at batch 8)")
     return out
 
 
@@ -241,28 +546,52 @@ CHECKS: dict[str, Callable[[torch.device, bool], dict]] = {
     "model-step": check_model_step,
 }
 
+# What --dry-run leaves out although it could run on the CPU (too slow for a quick control-flow run).
+DRY_RUN_SKIPS = {"model-step": "the step timings are a GPU measurement (tiny on the CPU: --device cpu --quick)"}
+
+
+def _env(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "device": str(device), "cuda": torch.version.cuda,
+           "scaling_type_members": scaling_type_members(),
+           "has_F_scaled_mm": hasattr(torch.nn.functional, "scaled_mm"),
+           "has_torch__scaled_mm": hasattr(torch, "_scaled_mm"),
+           "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32,
+                    "float32_matmul_precision": torch.get_float32_matmul_precision(),
+                    "note": "as found; the accuracy checks pin TF32 off while they run"}}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return env
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, default=Path("gpu_check_out"))
     ap.add_argument("--quick", action="store_true", help="tiny shapes (the CPU smoke test)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU, tiny shapes: the control flow and API probes, every CUDA part skipped with its reason")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for all checks: a check that would start after them is skipped (not failed)")
     ap.add_argument("--only", nargs="*", default=None, help=f"a subset of {list(CHECKS)}")
     args = ap.parse_args(argv)
+    if args.dry_run:
+        args.device, args.quick = "cpu", True
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_fp8_check: --device cuda but torch.cuda.is_available() is False")
     args.out.mkdir(parents=True, exist_ok=True)
-    env = {"torch": torch.__version__, "device": str(device), "cuda": torch.version.cuda}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-    results: dict = {"env": env}
+    results: dict = {"env": {**_env(device), "dry_run": args.dry_run}}
+    t_start = time.perf_counter()
     for name, fn in CHECKS.items():
         if args.only is not None and name not in args.only:
             continue
         t = time.perf_counter()
         try:
+            if args.dry_run and name in DRY_RUN_SKIPS:
+                raise Skip(f"dry run: {DRY_RUN_SKIPS[name]}")
+            if args.budget is not None and t - t_start > args.budget:
+                raise Skip(f"time budget of {args.budget:.0f} s spent before this check")
             r = fn(device, args.quick)
         except Skip as e:
             r = {"status": "skipped", "why": str(e)}
