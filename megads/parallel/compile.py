@@ -27,8 +27,9 @@ calls (`megads.parallel.stages.DeepseekStage._block_steps`, `TransformerBlock.fo
   Without a split (`eager_gemms=False`: one process, 1F1B, interleaved) the GEMMs are traced into
   the graphs (fewer graph breaks, less Python per step), and their weight-gradient slots refuse a
   stash, so a B/W split on such a model fails loudly instead of losing gradients.
-* The routed experts take their per-expert row counts as a Python list that changes every step:
-  a graph over them would recompile each step. They stay eager (one grouped GEMM each, item 1).
+* The routed experts take their per-expert row counts (a `GroupCounts`, on the device or the
+  host) whose values change every step: a graph over them would specialise on them and recompile.
+  They stay eager (one grouped GEMM each, item 1).
 
 The pieces are compiled by replacing the module's `forward` (or the block's / MoE's method) with
 an instance attribute, so parameter names, state dicts and checkpoints do not change. Apply it

@@ -174,7 +174,8 @@ class DeepseekStage(StageBase):
     """Pipeline stage of one rank (see the module docstring).
 
     `microbatches` (given to `begin_step`) are (input_ids_BT, labels_BT) pairs, the same list on
-    every pipeline rank of a data-parallel replica. `grad_scale` is 1/dp.
+    every pipeline rank of a data-parallel replica. `grad_scale` is 1 / data_parallel (= cp / dp: a
+    sum over the cp ranks of a sequence, a mean over the replicas).
     """
 
     def __init__(
