@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from megads.model.fp8_scaled_mm import blockwise_missing
 from megads.model.linear import GroupedLinear, Linear, LinearFactory, WeightGradSlot
 
 E4M3 = torch.float8_e4m3fn
@@ -443,19 +444,17 @@ def _te_missing(device: torch.device) -> str | None:
 
 
 def _torch_missing(device: torch.device) -> str | None:
-    """Why torch's block-scaled `scaled_mm` backend cannot run here (None: it could)."""
-    if device.type != "cuda":
-        return f"block-wise scaled_mm runs on CUDA devices only (this run's device is {device.type})"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major < 9:
-        return f"block-wise FP8 GEMMs need compute capability 9.0 or newer (this GPU has {major}.x)"
-    return "its block-wise scaled_mm path is not wired into the linear factory yet (docs/fp8.md, 'Backends')"
+    """Why torch's block-scaled `scaled_mm` backend cannot run here (None: it could): a CUDA device
+    of compute capability 9.0+, a torch built with CUDA >= 12.9 and a block-wise FP8 GEMM API
+    (megads/model/fp8_scaled_mm.py `blockwise_missing`)."""
+    return blockwise_missing(device)
 
 
 def choose_fp8_backend(
     requested: str, device: torch.device, *, pow2_scales: bool = True, dispatch: bool = True
 ) -> tuple[Fp8Factory, str]:
-    """The factory for `fp8.backend=requested` on `device` and a line saying which and why.
+    """The factory for `fp8.backend=requested` on `device` and a line saying which and why:
+    `Fp8TorchFactory` (megads/model/fp8_torch.py) for torch, `Fp8Factory` for the emulation.
 
     `auto` takes the first of te, torch, emulated that can run; naming one that cannot is refused
     with what is missing."""
@@ -470,7 +469,12 @@ def choose_fp8_backend(
     else:
         chosen = next(b for b in ("te", "torch", "emulated") if missing[b] is None)
     why = "; ".join(f"{b}: {m}" for b, m in missing.items() if m is not None and b != chosen)
-    factory = Fp8Factory(pow2_scales=pow2_scales, dispatch=dispatch)
+    if chosen == "torch":
+        from megads.model.fp8_torch import Fp8TorchFactory  # noqa: PLC0415  (it imports this module)
+
+        factory: Fp8Factory = Fp8TorchFactory(pow2_scales=pow2_scales, dispatch=dispatch)
+    else:
+        factory = Fp8Factory(pow2_scales=pow2_scales, dispatch=dispatch)
     line = f"FP8 backend {chosen} (fp8.backend={requested}" + (f"; not {why}" if why and requested == "auto" else "") + ")"
     return factory, line
 
