@@ -21,6 +21,11 @@ refuses the call as unsupported is a skip, never a failure. The peers:
   `torch.nn.functional.scaled_mm` (its `ScalingType` member names differ by torch version, see
   `_SCALING_NAMES`) or else `torch._scaled_mm` with block-shaped scales (torch >= 2.9), BF16
   output; `api` says which ran;
+- `factory-torch`: the `torch` FP8 backend (megads/model/fp8_torch.py `Fp8TorchFactory`, the
+  same block-wise GEMM in all three GEMMs of a linear) against the emulated backend, `Linear` with
+  bias and the routed experts' grouped linear, forward, input and weight gradient, and the weight
+  gradient deferred through `WeightGradStash` against at once (bound 1e-6); skipped with
+  `_torch_missing`'s reason where the backend cannot run (bound: 1e-2, see the function);
 - `te-blockwise`: Transformer Engine's `te.Linear` under `te.autocast` (older TE:
   `te.fp8_autocast`) with the `Float8BlockScaling` recipe, forward and both gradients, after TE's
   own support probe;
@@ -47,27 +52,35 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from megads.model.fp8 import BLOCK, Fp8Factory, fp8_linear, quantize_blocks, quantize_tiles
+from megads.model.fp8 import BLOCK, Fp8Factory, _torch_missing, fp8_linear, quantize_blocks, quantize_tiles
+from megads.model.fp8_scaled_mm import (
+    SCALING_NAMES,
+    UNSUPPORTED,
+    BlockwiseApi,
+    BlockwiseUnavailable,
+    QOperand,
+    blockwise_fn,
+    blockwise_missing,
+    cuda_version,
+    scaling_type_members,
+)
+from megads.model.fp8_scaled_mm import blockwise_apis as _blockwise_apis
 
 
 class Skip(Exception):
     """A check that cannot run here (what is missing)."""
 
 
-# An error raised by an optional API that means "not supported here" (CUDA/cuBLAS too old, wrong
-# GPU, recipe not implemented): such a check is skipped with the message, not failed.
-_UNSUPPORTED = re.compile(r"not supported|unsupported|only supported|requires|required|not implemented|"
-                          r"NotImplemented|CUDA >= ?12\.9|CUDA 12\.9|cuBLAS ?(Lt)? version|sm_?90|compute capability",
-                          re.IGNORECASE)
+# An error raised by an optional API that means "not supported here": a skip, not a failure
+# (megads/model/fp8_scaled_mm.py, shared with the torch backend).
+_UNSUPPORTED = UNSUPPORTED
 
 
 def _sync(device: torch.device) -> None:
@@ -91,13 +104,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
 
 
-def _cuda_version() -> tuple[int, int] | None:
-    """The CUDA version this torch was built with, (major, minor); None for CPU/ROCm builds."""
-    v = torch.version.cuda
-    if not v:
-        return None
-    m = re.match(r"(\d+)\.(\d+)", v)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+_cuda_version = cuda_version
 
 
 @contextlib.contextmanager
@@ -177,81 +184,26 @@ def check_torch_rowwise(device: torch.device, quick: bool) -> dict:
     return out
 
 
-# ScalingType member names of `torch.nn.functional.scaled_mm`, by torch version:
-# - torch 2.13 (checked on this machine's 2.13.0): a C++-bound enum `F._ScalingType` exported as
-#   `F.ScalingType`, members TensorWise, RowWise, BlockWise1x16, BlockWise1x32, BlockWise1x128,
-#   BlockWise128x128;
-# - the first `scaled_mm` (a Python `enum.Enum` in torch/nn/functional.py over
-#   `torch._scaled_mm_v2`, late 2025; whether torch 2.10-2.12 ship it is not checked):
-#   Tensorwise, Rowwise, Blockwise_1x16, Blockwise_1x32, Blockwise_1x128, Blockwise_128x128.
-# The first name that exists wins; none: `torch._scaled_mm` below.
-_SCALING_NAMES = {"1x128": ("BlockWise1x128", "Blockwise_1x128", "Blockwise1x128"),
-                  "128x128": ("BlockWise128x128", "Blockwise_128x128", "Blockwise128x128")}
-
-
-def scaling_type_members() -> list[str] | None:
-    """The member names of `torch.nn.functional.ScalingType` (None: no such enum), for the record."""
-    import torch.nn.functional as F  # noqa: N812, PLC0415
-
-    st = getattr(F, "ScalingType", None)
-    if st is None:
-        return None
-    members = getattr(st, "__members__", None)
-    return sorted(members) if members else sorted(n for n in dir(st) if not n.startswith("_"))
-
-
-@dataclass
-class BlockwiseApi:
-    """A block-wise FP8 GEMM of this torch: `name` says which; `recipes` the ScalingType members
-    (1 x 128, 128 x 128) for `F.scaled_mm`, None for `torch._scaled_mm`."""
-
-    name: str
-    recipes: tuple | None = None
+# The block-wise API resolution (ScalingType member names by torch version, `torch._scaled_mm`
+# fallback), the operand padding and the scale layouts live in megads/model/fp8_scaled_mm.py: the
+# torch FP8 backend calls the same code.
+_SCALING_NAMES = SCALING_NAMES
 
 
 def blockwise_apis() -> list[BlockwiseApi]:
     """The block-wise FP8 GEMMs this torch offers, preferred first (Skip if none)."""
-    import torch.nn.functional as F  # noqa: N812, PLC0415
-
-    apis, why = [], []
-    st = getattr(F, "ScalingType", None)
-    if hasattr(F, "scaled_mm") and st is not None:
-        found = [next((getattr(st, n) for n in names if hasattr(st, n)), None) for names in _SCALING_NAMES.values()]
-        if None in found:
-            why.append(f"torch.nn.functional.ScalingType has none of {_SCALING_NAMES} (members: {scaling_type_members()})")
-        else:
-            apis.append(BlockwiseApi(f"F.scaled_mm ({', '.join(str(r) for r in found)})", tuple(found)))
-    else:
-        why.append("no torch.nn.functional.scaled_mm/ScalingType")
-    # torch >= 2.9 (pytorch PR #158037): `torch._scaled_mm` recognises DeepSeek's block scaling
-    # from the scale shapes ([M, K/128] and [K/128, N/128]).
-    if hasattr(torch, "_scaled_mm"):
-        apis.append(BlockwiseApi("torch._scaled_mm (block-shaped scales)"))
-    else:
-        why.append("no torch._scaled_mm")
-    if not apis:
-        raise Skip(f"torch {torch.__version__} has no block-wise FP8 GEMM: {'; '.join(why)}")
-    return apis
+    try:
+        return _blockwise_apis()
+    except BlockwiseUnavailable as e:
+        raise Skip(str(e)) from e
 
 
 def _blockwise_fn(api: BlockwiseApi, qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor,
                   sw: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """x @ w^T with 1 x 128 tiles for x and 128 x 128 blocks for w, BF16 output: the scale layouts
-    are built here, once (the layouts torch's own tests use: scales outer-dimension-major; for
-    `F.scaled_mm` w's block scales padded to a multiple of 4 along K, a no-op when K/128 is one);
-    the returned function runs only the GEMM."""
-    import torch.nn.functional as F  # noqa: N812, PLC0415
-
-    kb = sx.shape[1]
-    scale_a = sx.t().contiguous().t()  # [N, K/128], outer-dimension-major
-    qwt = qw.t()
-    if api.recipes is None:
-        scale_b = sw.t()  # [K/128, O/128]
-        return lambda: torch._scaled_mm(qx, qwt, scale_a, scale_b, out_dtype=torch.bfloat16)
-    l4 = -(-kb // 4) * 4
-    scale_b = torch.nn.functional.pad(sw, (0, l4 - kb)).t()  # [L4, O/128]
-    ra, rb = api.recipes
-    return lambda: F.scaled_mm(qx, qwt, scale_a, ra, scale_b, rb, output_dtype=torch.bfloat16)
+    """x @ w^T with 1 x 128 tiles for x and 128 x 128 blocks for w, BF16 output: operands padded and
+    scale layouts built here, once (`megads.model.fp8_scaled_mm.blockwise_fn`); the returned
+    function runs only the GEMM."""
+    return blockwise_fn(api, QOperand(qx, sx, "tile"), QOperand(qw, sw, "block"), torch.bfloat16)
 
 
 def _meta_probe(apis: list[BlockwiseApi]) -> list[str]:
@@ -273,18 +225,14 @@ def _meta_probe(apis: list[BlockwiseApi]) -> list[str]:
 
 
 def blockwise_ready(device: torch.device) -> list[BlockwiseApi]:
-    """The block-wise GEMMs to try on `device`, or Skip with why none can run (checked up front:
-    cuBLASLt's block scaling needs CUDA >= 12.9 and compute capability 9.x)."""
+    """The block-wise GEMMs to try on `device`, or Skip with why none can run (checked up front,
+    the torch backend's rule: compute capability 9.0+ and a torch built with CUDA >= 12.9)."""
     apis = blockwise_apis()
     if device.type != "cuda":
         raise Skip(f"block-wise FP8 GEMMs run on CUDA only (this torch would try, in order: {_meta_probe(apis)})")
-    major, minor = torch.cuda.get_device_capability(device)
-    if major != 9:
-        raise Skip(f"block-wise FP8 GEMMs need compute capability 9.x (this GPU: {major}.{minor})")
-    cv = _cuda_version()
-    if cv is None or cv < (12, 9):
-        raise Skip(f"block-wise FP8 GEMMs (cuBLASLt block scaling) need a torch built with CUDA >= 12.9; "
-                   f"this torch {torch.__version__} is built with CUDA {torch.version.cuda}")
+    why = blockwise_missing(device)
+    if why is not None:
+        raise Skip(why)
     return apis
 
 
@@ -325,6 +273,79 @@ def check_torch_blockwise(device: torch.device, quick: bool) -> dict:
     if errors:
         out["apis_that_raised"] = errors
     return out
+
+
+def _factory_pass(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, *args, defer: bool = False):
+    """y, dx, dw of one forward + backward of `layer` (W deferred through WeightGradStash if asked)."""
+    from megads.model.linear import WeightGradStash, deferring  # noqa: PLC0415
+
+    xr = x.clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    if defer:
+        stash = WeightGradStash()
+        with deferring([layer], stash):
+            y = layer(xr, *args)
+            y.backward(g)
+        dw = stash.compute()[id(layer.weight)]
+    else:
+        y = layer(xr, *args)
+        y.backward(g)
+        dw = layer.weight.grad
+    return y.detach().float(), xr.grad.float(), dw.float()
+
+
+def check_factory_torch(device: torch.device, quick: bool) -> dict:
+    """The torch backend (Fp8TorchFactory: torch's block-wise FP8 GEMM in all three GEMMs) against
+    the emulated backend (Fp8Factory) on the device: Linear and the routed experts' grouped linear,
+    forward, input and weight gradient (also deferred), random shapes that are and are not
+    multiples of 128. Bound: relative 1e-2 of each output's max: the two multiply the same E4M3
+    values with the same scales, so they differ by the kernel's FP32 accumulation order (~1e-6)
+    and, where the build gives BF16 output only, one BF16 rounding (2^-8 = 3.9e-3); a wrong scale,
+    layout or padding is an O(1) error."""
+    from megads.model.fp8_torch import Fp8TorchFactory  # noqa: PLC0415
+
+    why = _torch_missing(device)
+    if why is not None:
+        raise Skip(f"the torch FP8 backend cannot run here: {why}")
+    gen = torch.Generator().manual_seed(5)
+    dense = [(77, 200, 130), (256, 512, 768)] if quick else [(77, 200, 130), (256, 512, 768), (2048, 1536, 512),
+                                                            (1000, 7168 // 4, 300)]
+    grouped = [(512, 256, [0, 130, 7, 300])] if quick else [(512, 256, [0, 130, 7, 300]), (1536, 384, [64, 1, 0, 700, 259])]
+    emu_f, tor_f = Fp8Factory(), Fp8TorchFactory()
+    worst = {k: 0.0 for k in ("y", "dx", "dw", "dw_deferred")}
+    cos = {k: 1.0 for k in ("y", "dx", "dw")}
+    rows = []
+    try:
+        with _exact_fp32():
+            cases = [("linear", (n, k, o), None) for n, k, o in dense] + \
+                    [("grouped", (sum(c), k, o), c) for k, o, c in grouped]
+            for kind, (n, k, o), counts in cases:
+                if kind == "linear":
+                    emu, tor = emu_f.linear(k, o, bias=True), tor_f.linear(k, o, bias=True)
+                else:
+                    emu, tor = emu_f.grouped(len(counts), k, o), tor_f.grouped(len(counts), k, o)
+                tor.load_state_dict(emu.state_dict())
+                emu, tor = emu.to(device), tor.to(device)
+                x = (torch.randn(n, k, generator=gen) * torch.logspace(-1, 1, k)).to(device)
+                g = torch.randn(n, o, generator=gen).to(device)
+                args = () if counts is None else (counts,)
+                ref = _factory_pass(emu, x, g, *args)
+                got = _factory_pass(tor, x, g, *args)
+                got_deferred = _factory_pass(tor, x, g, *args, defer=True)
+                row = {"kind": kind, "shape": [n, k, o], "counts": counts}
+                for name, a, b in zip(("y", "dx", "dw"), got, ref):
+                    row[name] = _rel(a, b)
+                    worst[name] = max(worst[name], row[name])
+                    cos[name] = min(cos[name], _cos(a, b))
+                row["dw_deferred_vs_at_once"] = _rel(got_deferred[2], got[2])
+                worst["dw_deferred"] = max(worst["dw_deferred"], row["dw_deferred_vs_at_once"])
+                rows.append(row)
+    except BlockwiseUnavailable as e:
+        raise Skip(f"torch's block-wise GEMM refused every call as unsupported: {e}"[:800]) from e
+    ok = all(worst[k] < 1e-2 for k in ("y", "dx", "dw")) and worst["dw_deferred"] < 1e-6
+    return {"status": "ok" if ok else "failed", "api": tor_f.gemm.api, "refused": tor_f.gemm.refused,
+            "max_rel_diff": worst, "bound": {"y, dx, dw vs emulated": 1e-2, "dw deferred vs at once": 1e-6},
+            "min_cosine": cos, "cases": rows}
 
 
 def _te():
@@ -541,6 +562,7 @@ CHECKS: dict[str, Callable[[torch.device, bool], dict]] = {
     "emulation-device-vs-cpu": check_emulation_device,
     "torch-rowwise": check_torch_rowwise,
     "torch-blockwise": check_torch_blockwise,
+    "factory-torch": check_factory_torch,
     "te-blockwise": check_te_blockwise,
     "gemm-speed": check_gemm_speed,
     "model-step": check_model_step,
