@@ -149,3 +149,17 @@ def test_torch_backend_refused_on_cpu_with_the_reason() -> None:
     x, w = torch.randn(4, 128), torch.randn(128, 128)
     with pytest.raises(BlockwiseUnavailable, match="CUDA devices only"):
         ScaledMmGemm()(QOperand(*quantize_tiles(x), "tile"), QOperand(*quantize_blocks(w), "block"))
+
+
+def test_auto_picks_torch_where_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where `_torch_missing` says nothing is missing (a sm90+ GPU with CUDA >= 12.9), `auto` and
+    `torch` give the torch factory (te is not wired, so never chosen); simulated on the CPU by
+    stubbing megads' own availability probe, not torch."""
+    import megads.model.fp8 as fp8
+
+    monkeypatch.setattr(fp8, "_torch_missing", lambda device: None)
+    for requested in ("auto", "torch"):
+        factory, line = choose_fp8_backend(requested, torch.device("cpu"), pow2_scales=False, dispatch=False)
+        assert type(factory) is Fp8TorchFactory and isinstance(factory.gemm, ScaledMmGemm)
+        assert not factory.pow2_scales and factory.dispatch_codec() is None
+        assert line.startswith(f"FP8 backend torch (fp8.backend={requested}")
