@@ -533,7 +533,7 @@ def estimate(pc: PlanConfig, cand: Candidate, *, plan: LayoutPlan | None = None)
                      f"{sum(w.cp_bytes for w in works) / 1e6:.1f} MB sent per rank per micro-batch over its pieces")
     if pc.precision == "fp8":
         notes.append("FP8 is modelled analytically (GEMM peak, 1-byte dispatch, 1-byte GEMM inputs); the trainer's "
-                     "precision=fp8 runs it (docs/fp8.md: only the emulated backend is wired so far)")
+                     "precision=fp8 runs it (docs/fp8.md: the torch block-scaled backend on Hopper GPUs, the emulation elsewhere)")
     if replicas > 1:
         notes.append("DualPipe holds two replicas of its pieces per rank (parameters counted once per piece held)")
     est = Estimate(candidate=cand, plan=plan, memory=worst, time=tb, tokens_per_s_per_gpu=tps,
