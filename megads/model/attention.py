@@ -24,13 +24,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from megads.model.config import ModelConfig
 from megads.model.linear import LinearFactory
 from megads.model.norm import RMSNorm
 from megads.model.rope import RopeCache, apply_rope
+
+
+def causal_lower_right(seq_len_q: int, seq_len_kv: int) -> torch.Tensor:
+    """torch's bottom-right-aligned causal mask object (no [T, S] tensor is made on CUDA).
+    Imported on first use: `torch.nn.attention.bias` imports torch._dynamo, 1-3 s at every process
+    start, which only context parallel needs."""
+    from torch.nn.attention.bias import causal_lower_right as make  # noqa: PLC0415
+
+    return make(seq_len_q, seq_len_kv)
 
 
 class MLA(nn.Module):
