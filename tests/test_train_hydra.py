@@ -3,8 +3,9 @@
 `megads-train -m optim.lr=1e-3,2e-3 ...` used to give both jobs one run folder (named after
 the model and schedule only), so job 2 resumed job 1's finished checkpoint and trained
 nothing. Each job of a sweep now trains in its own folder under hydra.sweep.dir, and
-hydra.run.dir is the folder of a single run. The sweep runs the main job's default layout
-(DualPipeV pp2 x ep2): megads-train, started as one process, starts the 4 ranks of each job.
+hydra.run.dir is the folder of a single run. The sweep runs an expert-parallel layout (ep 2):
+megads-train, started as one process, starts the 2 ranks of each job itself (the main job's
+DualPipeV pp2 x ep2 takes 4 ranks a job and twice the time; `make train` runs that layout).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def test_each_sweep_job_trains_in_its_own_folder(tmp_path: Path) -> None:
-    _megads_train(tmp_path, "-m", "optim.lr=1e-3,2e-3", "schedule.train_steps=3", *SHORT,
+    _megads_train(tmp_path, "-m", "optim.lr=1e-3,2e-3", "schedule.train_steps=3", "parallel=ep", *SHORT,
                   f"hydra.sweep.dir={tmp_path / 'sweep'}")
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert [p.name.split("_")[0] for p in jobs] == ["0", "1"], jobs
