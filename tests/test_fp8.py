@@ -140,6 +140,22 @@ def test_one_k_block_agrees_with_torch_scaled_mm(pow2: bool) -> None:
     torch.testing.assert_close(ours, peer, rtol=2e-6, atol=1e-6 * float(peer.abs().max()))
 
 
+def _assert_experts_equal_reference(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, counts: list[int],
+                                    y: torch.Tensor, grad_x: torch.Tensor, grad_w: torch.Tensor) -> None:
+    """Each expert's output and gradients equal the linear reference on its own rows, bit for bit;
+    an expert without rows has a zero weight gradient."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            ry, rdx, rdw = ref_linear(x[start:start + n], w[e], g[start:start + n], True)
+            assert torch.equal(y[start:start + n], ry)
+            assert torch.equal(grad_x[start:start + n], rdx)
+            assert torch.equal(grad_w[e], rdw)
+        else:
+            assert torch.equal(grad_w[e], torch.zeros_like(w[e]))
+        start += n
+
+
 def test_grouped_experts_use_their_own_scales() -> None:
     """Each expert's rows and weight go through the linear numerics on their own (bit for bit),
     an expert without rows gets a zero weight gradient."""
@@ -151,17 +167,8 @@ def test_grouped_experts_use_their_own_scales() -> None:
     g = torch.randn(sum(counts), 40, generator=gen)
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     fp8_grouped_mm(xr, wr, counts).backward(g)
-    start = 0
     y = fp8_grouped_mm(x, w, counts)
-    for e, n in enumerate(counts):
-        if n:
-            ry, rdx, rdw = ref_linear(x[start:start + n], w[e], g[start:start + n], True)
-            assert torch.equal(y[start:start + n], ry)
-            assert torch.equal(xr.grad[start:start + n], rdx)
-            assert torch.equal(wr.grad[e], rdw)
-        else:
-            assert torch.equal(wr.grad[e], torch.zeros_like(w[e]))
-        start += n
+    _assert_experts_equal_reference(x, w, g, counts, y, xr.grad, wr.grad)
 
 
 @pytest.mark.parametrize("o", [40, 42], ids=["grouped-kernel", "per-expert-loop"])
@@ -181,16 +188,7 @@ def test_grouped_experts_equal_the_reference_on_both_paths(o: int) -> None:
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     y = fp8_grouped_mm(xr, wr, counts)
     y.backward(g)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            ry, rdx, rdw = ref_linear(x[start:start + n], w[e], g[start:start + n], True)
-            assert torch.equal(y[start:start + n], ry)
-            assert torch.equal(xr.grad[start:start + n], rdx)
-            assert torch.equal(wr.grad[e], rdw)
-        else:
-            assert torch.equal(wr.grad[e], torch.zeros_like(w[e]))
-        start += n
+    _assert_experts_equal_reference(x, w, g, counts, y, xr.grad, wr.grad)
 
 
 def test_the_factory_makes_fp8_block_layers_and_keeps_the_rest_high_precision() -> None:
