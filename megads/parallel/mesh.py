@@ -316,6 +316,8 @@ class ParallelMesh:
                     grp = dist.new_group(ranks, **kw)
                     if s == pp_rank and c0 == dp_rank - dp_rank % cp:
                         mesh.cp_group, mesh.cp_ranks = grp, ranks
+        if cp == 1:
+            mesh.cp_ranks = [mesh.rank]  # a sequence's only holder (as `ParallelMesh.local` gives)
         if pp > 1:
             for d in range(dp):
                 grp = dist.new_group([g(0, d), g(pp - 1, d)], **kw)
