@@ -6,9 +6,7 @@ values: nonzero, bincount, boolean indexing, ...), against the documented minimu
 (docs/performance.md, "Host synchronisation"):
 
 - ep = 1, grouped-GEMM kernel (fp32 on CPU, bf16 on Hopper): 0; the counts and group offsets
-  stay on the device. On CPU the kernel's weight gradient is replaced by the per-expert loop
-  (faster there; a read of a CPU tensor waits for nothing), which reads the counts once: the
-  test checks both, 0 with the kernel's own weight gradient (the GPU path) and 1 with the loop;
+  stay on the device;
 - ep = 1, per-expert loop (the fallback, e.g. bf16 on CPU): 1, the counts read once for both
   GEMMs and their backward;
 - ep = 2 (real gloo ranks): 1, the all-to-all split sizes, read once for dispatch, combine and
@@ -39,7 +37,6 @@ from typing import Any
 import pytest
 import torch
 
-from megads.model import linear
 from megads.model.linear import LinearFactory
 from megads.model.moe import MoE
 from megads.parallel.executor import OptimSettings
@@ -67,16 +64,12 @@ def _moe_reads(moe: MoE, x_BTD: torch.Tensor, *, bf16: bool) -> list[str]:
     return reads.where
 
 
-def test_local_moe_reads_nothing_with_the_kernel_and_once_with_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_moe_reads_nothing_with_the_kernel_and_once_with_the_loop() -> None:
     cfg = tiny_config()
     torch.manual_seed(0)
     moe = MoE(cfg, factory=LinearFactory()).train()
     x_BTD = torch.randn(2, 12, cfg.hidden_size)
-    with monkeypatch.context() as patch:  # every GEMM through torch._grouped_mm, as on a GPU
-        patch.setattr(linear, "KERNEL_WGRAD_LOOP_ON_CPU", False)
-        assert _moe_reads(moe, x_BTD, bf16=False) == []
-    where = _moe_reads(moe, x_BTD, bf16=False)  # fp32 on CPU: the weight gradient's loop reads once
-    assert len(where) == 1 and "linear.py" in where[0], where
+    assert _moe_reads(moe, x_BTD, bf16=False) == []  # fp32 on CPU: torch._grouped_mm
     where = _moe_reads(moe, x_BTD, bf16=True)  # bf16 on CPU: the per-expert loop
     assert len(where) == 1 and "linear.py" in where[0], where
 

@@ -246,8 +246,18 @@ class _GroupedMM(torch.autograd.Function):
                     torch.mm(grad_NO[start:start + n], w_OI, out=grad_x[start:start + n])
                 start += n
 
-        def weight_grad() -> torch.Tensor:  # in the GEMMs' dtype, then the master weight's
-            return _weight_grad_loop(grad_NO, x_NI, counts, out_EOI=grad_NO.new_empty(w_EOI.shape)).to(w_EOI.dtype)
+        def weight_grad() -> torch.Tensor:
+            grad_w = torch.empty_like(w_EOI)
+            start = 0
+            for e, n in enumerate(counts):
+                if not n:
+                    grad_w[e].zero_()  # only experts without rows; the rest are fully overwritten
+                elif not w_cast:
+                    torch.mm(grad_NO[start:start + n].t(), x_NI[start:start + n], out=grad_w[e])
+                else:
+                    grad_w[e].copy_(torch.mm(grad_NO[start:start + n].t(), x_NI[start:start + n]))
+                start += n
+            return grad_w
 
         grad_w = None
         if ctx.needs_input_grad[1]:
@@ -270,35 +280,11 @@ def grouped_kernel_usable(x_NI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
     return False
 
 
-# torch._grouped_mm's CPU kernel runs the weight gradient (the groups split the contraction) at
-# 40-50% of the speed of one torch.mm per expert into the [E, O, I] output (`small`'s gate/up
-# stack, 2048 rows over 32 experts: 20.0 ms against 9.0 ms, 2 threads; docs/performance.md,
-# "Distance to the GEMM limit"), while its forward and input gradient are as fast as the loop or
-# faster. On CPU the counts are a memory load away (no device to wait for), so the weight gradient
-# there is the per-expert loop; on GPUs it stays the kernel and the counts are never read.
-KERNEL_WGRAD_LOOP_ON_CPU = True
-
-
-def _weight_grad_loop(grad_NO: torch.Tensor, x_NI: torch.Tensor, counts: Sequence[int], *,
-                      out_EOI: torch.Tensor) -> torch.Tensor:
-    """grad_w[e] = grad[rows of e]^T @ x[rows of e], one GEMM per expert written into `out_EOI`;
-    experts without rows get zeros."""
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            torch.mm(grad_NO[start:start + n].t(), x_NI[start:start + n], out=out_EOI[e])
-        else:
-            out_EOI[e].zero_()
-        start += n
-    return out_EOI
-
-
 class _GroupedKernelMM(torch.autograd.Function):
     """The same product as `_GroupedMM` in three `torch._grouped_mm` calls (forward, input and
     weight gradient), no Python loop over experts; the group offsets are made on the device from
-    the counts, which are never read back to the host (on CPU the weight gradient is the
-    per-expert loop, `KERNEL_WGRAD_LOOP_ON_CPU`). A weight stack in another dtype than x (bf16
-    autocast over FP32 master weights) is cast once per call."""
+    the counts, which are never read back to the host. A weight stack in another dtype than x
+    (bf16 autocast over FP32 master weights) is cast once per call."""
 
     @staticmethod
     def forward(ctx, x_NI: torch.Tensor, w_EOI: torch.Tensor, groups: GroupCounts,  # type: ignore[override]
@@ -306,7 +292,7 @@ class _GroupedKernelMM(torch.autograd.Function):
         offs = groups.offsets_G(x_NI.device)
         w_low = w_EOI if w_EOI.dtype == x_NI.dtype else w_EOI.to(x_NI.dtype)
         ctx.save_for_backward(x_NI, w_low, offs)
-        ctx.w_dtype, ctx.slot, ctx.groups = w_EOI.dtype, slot, groups
+        ctx.w_dtype, ctx.slot = w_EOI.dtype, slot
         return torch._grouped_mm(x_NI, w_low.transpose(1, 2), offs=offs)
 
     @staticmethod
@@ -317,9 +303,6 @@ class _GroupedKernelMM(torch.autograd.Function):
         w_dtype = ctx.w_dtype
 
         def weight_grad() -> torch.Tensor:  # experts without rows get zeros
-            if x_NI.device.type == "cpu" and KERNEL_WGRAD_LOOP_ON_CPU:
-                out_EOI = grad_NO.new_empty(w_low.shape)
-                return _weight_grad_loop(grad_NO, x_NI, ctx.groups.host, out_EOI=out_EOI).to(w_dtype)
             return torch._grouped_mm(grad_NO.t(), x_NI, offs=offs).to(w_dtype)
 
         grad_w = None
