@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from megads.pipeline.module_stage import ModuleStage
 from megads.pipeline.render import save_step_png
 from megads.pipeline.runtime import PipelineRuntime
@@ -26,6 +25,7 @@ from megads.pipeline.timed import OverlappingModuleStage
 from torch import nn
 
 from megads.testing.launch import free_port
+from megads.testing.parallel import start_ranks
 
 D = 8  # hidden width
 MB_SIZE = 3  # rows per micro-batch
@@ -158,7 +158,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("pipeline_runtime")
-    mp.spawn(_worker, args=(4, free_port(), str(out)), nprocs=4, join=True)
+    start_ranks(_worker, (4, free_port(), str(out)), 4)
     assert (out / "dualpipev_step.png").stat().st_size > 1000  # the measured timeline of one step
     rows: list[dict[str, Any]] = []
     for r in range(4):

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from megads.pipeline.actions import BW, Action, F, Op, Schedule, add_communication
 from megads.pipeline.module_stage import ModuleStage
 from megads.pipeline.runtime import PipelineRuntime
@@ -42,6 +41,7 @@ from test_pipeline_runtime import MB_SIZE, D, _microbatches, _pieces  # noqa: E4
 
 from megads.parallel.config import ParallelConfig, pieces_per_rank
 from megads.testing.launch import free_port
+from megads.testing.parallel import start_ranks
 from megads.train.schedule import batch_granularity
 
 TOL = 1e-6
@@ -185,7 +185,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_toy_schedule_runs_on_gloo_ranks_like_one_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_worker, (2, free_port(), str(tmp_path)), 2)
     per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rows in zip(*per_rank):
         m_total = rows[0]["m"]
