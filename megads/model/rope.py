@@ -88,7 +88,11 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        inv_freq, amplitude = rope_inv_freq(cfg)
+        # computed on the CPU even inside `with torch.device("meta")` (a model built for its shapes):
+        # meta arithmetic runs torch's Python references, whose first use imports torch._dynamo
+        # (about 1.3 s of a process start); model.to / to_empty move the buffer like any other
+        with torch.device("cpu"):
+            inv_freq, amplitude = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.amplitude = amplitude
 

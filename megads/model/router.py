@@ -53,8 +53,13 @@ class Router(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.scaling = cfg.routed_scaling_factor
         self.alpha = cfg.seq_aux_loss_alpha
-        # initialised here too, so a Router (or MoE) built on its own never holds garbage memory
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size).normal_(std=cfg.initializer_range))
+        # initialised here too, so a Router (or MoE) built on its own never holds garbage memory;
+        # not on the meta device: a meta normal_ runs torch's Python reference, which imports
+        # torch._dynamo (about 1.3 s at every process start that builds a model on meta)
+        weight = torch.empty(cfg.n_routed_experts, cfg.hidden_size)
+        if not weight.is_meta:
+            weight.normal_(std=cfg.initializer_range)
+        self.weight = nn.Parameter(weight)
         # Selection bias: a persistent buffer (saved in checkpoints, never seen by the optimizer).
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         # Tokens routed to each expert since the last bias update (this rank's share).

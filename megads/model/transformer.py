@@ -65,7 +65,10 @@ class DeepseekV3(nn.Module):
         factory = factory or LinearFactory()
         self.cfg = cfg
         self.init_seed = draw_init_seed() if init_seed is None else init_seed
-        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # `_weight`: no default init here (init_weights draws every value); on the meta device
+        # nn.Embedding's own normal_ would import torch._dynamo, about 1.3 s of every process start
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(cfg, layer_idx=i, factory=factory) for i in range(cfg.num_hidden_layers)}
         )

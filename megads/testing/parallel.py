@@ -159,7 +159,7 @@ def reference_run(
 # Modules the fork server imports once, so that a started rank begins with them loaded: a fresh
 # `spawn` process pays ~2-3 s of imports (torch alone 1.9 s), and the suite starts ~300 ranks.
 _FORKSERVER_PRELOAD = [
-    "torch", "torch.distributed", "torch.distributed.checkpoint", "numpy",
+    "torch", "torch._dynamo", "torch.distributed", "torch.distributed.checkpoint", "numpy",
     "megads.model", "megads.parallel.executor", "megads.parallel.mesh", "megads.testing.parallel",
 ]
 
