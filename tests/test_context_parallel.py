@@ -201,7 +201,7 @@ def test_staged_run_with_cp2_in_its_last_stage(tmp_path: Path) -> None:
               "parallel.micro_batch_size=1", "seq_len=32", "schedule=tiny", "schedule.train_tokens=0",
               "schedule.train_steps=2", "schedule.warmup_steps=1", "schedule.batch_start=4", "schedule.batch_end=4",
               "logging.wandb.mode=disabled", "logging.console_every=1", "data=fallback", "data.max_bytes=200000",
-              "logging.expert_load_png=false"]
+              "logging.expert_load_png=false", "logging.expert_heatmap_png=false"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     repo = Path(__file__).resolve().parents[1]
     run = subprocess.run([*common, "stages=cp", f"run_dir={tmp_path / 'run'}"], cwd=repo, env=env, capture_output=True,

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARGS = ["model=tiny", "parallel=single", "seq_len=64", "schedule=tiny", "schedule.train_tokens=0",
         "schedule.train_steps=12", "schedule.warmup_steps=2", "schedule.batch_start=4", "schedule.batch_end=4",
         "data=fallback", "data.max_bytes=200000", "logging.wandb.mode=disabled", "checkpoint.every_steps=100",
-        "logging.loss_png=false", "logging.expert_load_png=false", "logging.console_every=1"]
+        "logging.loss_png=false", "logging.expert_load_png=false", "logging.expert_heatmap_png=false", "logging.console_every=1"]
 
 
 def test_the_watch_records_the_first_signal_and_gives_the_handlers_back() -> None:
@@ -57,6 +57,9 @@ def test_a_signal_mid_run_costs_no_step(tmp_path: Path) -> None:
     ref = subprocess.run([*cmd, f"run_dir={tmp_path / 'ref'}"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
+    # the three PNGs switched off in ARGS are not written (on by default: tests/test_wandb_views.py)
+    for png in ("loss.png", "expert_load.png", "expert_load_heatmap.png"):
+        assert not (tmp_path / "ref" / png).exists(), png
     run = tmp_path / "run"
     proc = subprocess.Popen([*cmd, f"run_dir={run}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

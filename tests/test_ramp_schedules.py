@@ -26,7 +26,7 @@ COMMON = [
     "model=tiny", "seq_len=32", "parallel=pp2_ep2", "parallel.micro_batch_size=1", "schedule=tiny",
     "schedule.train_tokens=0", "schedule.train_steps=6", "schedule.warmup_steps=2", "schedule.batch_end=14",
     "schedule.batch_ramp_tokens=1200", "schedule.constant_tokens=5000", "schedule.decay_tokens=1000",
-    "logging.console_every=1", "logging.loss_png=false", "logging.expert_load_png=false",
+    "logging.console_every=1", "logging.loss_png=false", "logging.expert_load_png=false", "logging.expert_heatmap_png=false",
     "checkpoint.at_end=false", "optim.lr=3e-3", "data=fallback", "data.max_bytes=200000",
 ]
 

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARGS = ["model=tiny", "parallel=ep", "seq_len=64", "schedule=tiny", "schedule.train_tokens=0",
         "schedule.train_steps=20", "schedule.warmup_steps=2", "schedule.batch_start=4", "schedule.batch_end=4",
         "data=fallback", "data.max_bytes=200000", "checkpoint.every_steps=100", "logging.loss_png=false",
-        "logging.expert_load_png=false", "logging.console_every=1", "logging.wandb.mode=offline"]
+        "logging.expert_load_png=false", "logging.expert_heatmap_png=false", "logging.console_every=1", "logging.wandb.mode=offline"]
 CPU_NODE = ["--nodes", "1", "--ntasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1"]
 
 

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMMON = ["model=tiny", "parallel=single", "seq_len=32", "schedule=tiny", "schedule.train_tokens=0",
           "schedule.train_steps=6", "schedule.warmup_steps=2", "schedule.batch_start=4", "schedule.batch_end=4",
           "logging.wandb.mode=disabled", "logging.console_every=1", "data=fallback", "data.max_bytes=200000",
-          "logging.expert_load_png=false"]
+          "logging.expert_load_png=false", "logging.expert_heatmap_png=false"]
 STAGES_YAML = """
 list:
   - name: short

@@ -105,6 +105,7 @@ class LoggingConfig:
     loss_png: bool = True  # loss curve PNG in the run folder at the end
     expert_load_png: bool = True  # expert-load imbalance PNG in the run folder at the end
     heatmap_every: int = 50  # steps between per-expert load heatmaps (PNG + wandb image); 0 = only at the end
+    expert_heatmap_png: bool = True  # false: no per-expert load heatmap at all (no matplotlib during the run)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

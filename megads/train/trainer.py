@@ -599,7 +599,7 @@ def _train(
 
     def heatmap(m: StepMetrics, at_step: int) -> None:
         assert wandb is not None
-        if heat_rows and m.expert_load_RE is not None and m.expert_load_RE.numel():
+        if cfg.logging.expert_heatmap_png and heat_rows and m.expert_load_RE is not None and m.expert_load_RE.numel():
             png = plot_expert_heatmap(m.expert_load_RE[heat_rows], heat_names, heatmap_png, step=at_step)
             wandb.log_images({"load/heatmap": png}, step=at_step)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if rank0 else None  # noqa: SIM115

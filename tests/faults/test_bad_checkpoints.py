@@ -43,7 +43,7 @@ ARGS = ["model=tiny", "parallel=dp", "parallel.micro_batch_size=2", "seq_len=32"
         "schedule.train_tokens=0", "schedule.train_steps=8", "schedule.warmup_steps=2", "schedule.batch_start=4",
         "schedule.batch_end=4", "data=fallback", "data.max_bytes=200000", "logging.wandb.mode=disabled",
         "checkpoint.every_steps=2", "checkpoint.keep_last=0", "logging.loss_png=false",
-        "logging.expert_load_png=false"]
+        "logging.expert_load_png=false", "logging.expert_heatmap_png=false"]
 STEP4, STEP6 = "step_00000004", "step_00000006"
 
 

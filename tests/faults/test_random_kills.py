@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 ARGS = ["model=tiny", "parallel=single", "seq_len=128", "schedule=tiny", "schedule.train_tokens=0",
         "schedule.train_steps=14", "schedule.warmup_steps=2", "schedule.batch_start=4", "schedule.batch_end=4",
         "data=fallback", "data.max_bytes=200000", "logging.wandb.mode=disabled", "checkpoint.every_steps=2",
-        "checkpoint.keep_last=2", "logging.loss_png=false", "logging.expert_load_png=false"]
+        "checkpoint.keep_last=2", "logging.loss_png=false", "logging.expert_load_png=false", "logging.expert_heatmap_png=false"]
 
 
 def _cmd(run: Path, *extra: str) -> list[str]:

@@ -35,7 +35,7 @@ ARGS = ["model=tiny", "model.num_hidden_layers=2", "model.vocab_size=512", "seq_
         "parallel.micro_batch_size=1", "schedule=tiny", "schedule.train_tokens=0", "schedule.warmup_steps=2",
         "schedule.batch_start=4", "schedule.batch_end=4", "data=fallback", "data.max_bytes=200000",
         "logging.wandb.mode=disabled", "checkpoint.keep_last=2", "logging.loss_png=false",
-        "logging.expert_load_png=false", "logging.console_every=100"]
+        "logging.expert_load_png=false", "logging.expert_heatmap_png=false", "logging.console_every=100"]
 MAX_RSS_GROWTH = 0.05  # the issue's bound, over 2,000 steps
 # the short run's bound, scaled to its 9 saves after warm-up (instead of 18): a background
 # thread per save grew RSS 1.3-3.1% in it (7% in the long run), one long-lived thread 0.2-0.4%
