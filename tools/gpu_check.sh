@@ -4,7 +4,9 @@
 #   2. the FP8 emulation against torch's FP8 GEMMs (row-wise `_scaled_mm`, block-wise
 #      `F.scaled_mm` or `_scaled_mm`) and Transformer Engine's block-scaling recipe where they
 #      exist, FP8/BF16 GEMM speed, and `small`'s step time and peak memory in BF16 and under the
-#      FP8 emulation (tools/gpu_fp8_check.py).
+#      FP8 emulation (tools/gpu_fp8_check.py),
+#   3. on the machine's CPU cores, the real-stage pipeline benchmark of issue 18 with a core per rank
+#      (tools/bench_pipeline.py --part real), which the 2-core development machines cannot give.
 # Every part either gives its figures or says "skipped: <reason>" (a missing optional package or
 # API, a torch built with CUDA < 12.9, ...). Results go under $OUT (default ./gpu_check_out): one
 # log per part, fp8_check.json, nvidia-smi.txt, summary.txt (written as it goes, complete at the end).
@@ -18,7 +20,7 @@
 # The python: $PYTHON if set, else the first of .venv/bin/python, python3, python whose torch
 # sees a CUDA device (a venv carried from a CPU machine has a CPU-only torch); with --dry-run the
 # first whose torch imports. Time: each part has its own `timeout`, and all parts share a budget
-# of $BUDGET_S seconds (default 420), so the script ends within about 7.5 minutes.
+# of $BUDGET_S seconds (default 450), so the script ends within about 8 minutes.
 #
 # Not run yet: no GPU machine has been available (docs/performance.md).
 set -uo pipefail
@@ -27,7 +29,7 @@ cd "$(dirname "$0")/.."
 DRY_RUN=0
 [[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
 OUT=${OUT:-./gpu_check_out}
-BUDGET_S=${BUDGET_S:-420}
+BUDGET_S=${BUDGET_S:-450}
 mkdir -p "$OUT"
 summary="$OUT/summary.txt"
 : > "$summary"
@@ -124,6 +126,23 @@ else
     --budget $(( fp8_limit > 60 ? fp8_limit - 45 : 15 ))
 fi
 grep "^\[gpu_fp8_check\]" "$OUT/fp8_check.log" 2>/dev/null | cut -c1-400 | sed 's/^/    /' | tee -a "$summary"
+
+# 3. CPU, while this machine is here: the real-stage pipeline of issue 18 (megads DualPipeV with the
+#    F&B overlap against torch's ScheduleDualPipeV, pp 2 x ep 2 on 4 gloo ranks of one thread
+#    each). On the 2-core development machines the 4 ranks share 2 cores and the overlap has no
+#    idle core to fill; here each rank gets a core of its own. Last, so that it never delays the
+#    GPU parts, and skipped when the budget is spent.
+cores=$(nproc)
+if [[ $DRY_RUN -eq 1 ]]; then
+  run_part pipeline_real_cpu 120 "$PYTHON" -m tools.bench_pipeline --part real --models tiny --repeats 1 \
+    --warmup 0 --img-dir "$OUT" --json "$OUT/bench_pipeline.json"
+elif [[ $cores -lt 4 ]]; then
+  note "pipeline_real_cpu: skipped: $cores CPU cores, it needs one per rank (4)"
+else
+  run_part pipeline_real_cpu 100 "$PYTHON" -m tools.bench_pipeline --part real --models tiny small --repeats 3 \
+    --warmup 1 --img-dir "$OUT" --json "$OUT/bench_pipeline.json"
+fi
+grep -E "megads / torch" "$OUT/pipeline_real_cpu.log" 2>/dev/null | cut -c1-300 | sed "s/^/    ($cores cores) /" | tee -a "$summary"
 
 note "end $(date -u +%FT%TZ), $SECONDS s in all, exit $status"
 exit $status
