@@ -2,7 +2,8 @@
 
     python -m tools.fp8_loss_gap [--model small] [--steps 300] [--seq-len 128] [--batch 4]
                                  [--nproc 1] [--parallel single] [--out outputs/fp8_loss_gap]
-                                 [--stop-at S] [--seed-spread SEED]
+                                 [--stop-at S] [--seed-spread SEED] [--seeds S1 S2 ...]
+                                 [--reference fp32|bf16]
 
 Two `megads-train` runs with the same config, seed and data, one with `precision=fp32` and one
 with `precision=fp8` (the backend `fp8.backend` picks: the emulation on CPU). Printed: the mean
@@ -18,6 +19,14 @@ SIGUSR1 (megads' preemption: a checkpoint, exit 75), and the window is steps S-w
 same data order: that is `data.seed`), in `<out>/fp32_seed<SEED>`. The same statistic between the
 two FP32 runs is the seed-to-seed spread: a gap of FP8 against FP32 no larger than it is noise,
 not a property of FP8.
+
+`--seeds S1 S2 ...` (the measurement that can resolve a gap smaller than the seed spread): one
+pair per seed, `fp32_seed<S>` and `fp8_seed<S>` (initialisation `seed=S`, the same data order in
+every run). Printed: each pair's gap, their mean and its standard error, and the spread of the
+reference runs across seeds (the standard deviation of their relative differences from their
+mean). The gap is resolved when its standard error is small against 0.25%; a gap whose standard
+error is larger says nothing either way. With `--reference bf16` the reference runs are BF16
+(what DeepSeek compared against; on a GPU), named `bf16_seed<S>`.
 
 The runs already in `<out>` are reused, so the runs can also be started by hand (e.g. at the same
 time, each with OMP_NUM_THREADS=1, the tool's overrides printed in its log) and the tool run
@@ -74,6 +83,50 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss/lm"] for r in sorted(rows, key=lambda r: r["step"])]
 
 
+def paired_gap_stats(ref_means: dict[int, float], fp8_means: dict[int, float]) -> dict[str, float]:
+    """Relative gaps of paired runs (same seed), their mean and its standard error, and the spread
+    of the reference runs across seeds (standard deviation of ref / mean(ref) - 1). Seeds: at
+    least 2 (a standard error needs two)."""
+    seeds = sorted(ref_means)
+    if sorted(fp8_means) != seeds or len(seeds) < 2:
+        raise ValueError(f"paired runs of at least 2 seeds are needed (reference {seeds}, fp8 {sorted(fp8_means)})")
+    n = len(seeds)
+    gaps = [(fp8_means[s] - ref_means[s]) / ref_means[s] for s in seeds]
+    mean_gap = sum(gaps) / n
+    sd_gap = (sum((g - mean_gap) ** 2 for g in gaps) / (n - 1)) ** 0.5
+    ref_mean = sum(ref_means.values()) / n
+    rel = [ref_means[s] / ref_mean - 1 for s in seeds]
+    spread = (sum(r * r for r in rel) / (n - 1)) ** 0.5  # the rel sum to 0 by construction
+    return {"mean_gap": mean_gap, "stderr_gap": sd_gap / n**0.5, "sd_gap": sd_gap, "ref_seed_spread": spread,
+            **{f"gap_seed{s}": g for s, g in zip(seeds, gaps)}}
+
+
+def _window_means(out: Path, names: list[str], end: int, window: int) -> dict[str, float]:
+    curves = {p: _losses(out / p)[:end] for p in names}
+    short = [p for p, c in curves.items() if len(c) < end]
+    if short:
+        raise SystemExit(f"runs {short} hold fewer than {end} steps")
+    return {p: sum(c[-window:]) / len(c[-window:]) for p, c in curves.items()}
+
+
+def _seeds_main(args: argparse.Namespace) -> None:
+    ref = args.reference
+    runs = [(f"{prec}_seed{s}", prec, [f"seed={s}"]) for s in args.seeds for prec in (ref, "fp8")]
+    walls = {name: _run(args.out, name, precision, args, extra) for name, precision, extra in runs}
+    end = args.stop_at or args.steps
+    means = _window_means(args.out, list(walls), end, args.window)
+    stats = paired_gap_stats({s: means[f"{ref}_seed{s}"] for s in args.seeds},
+                             {s: means[f"fp8_seed{s}"] for s in args.seeds})
+    summary = {"model": args.model, "steps": args.steps, "compared_steps": end, "window": args.window,
+               "reference": ref, "seeds": args.seeds, "mean_last": means, **stats, "wall_s": walls}
+    (args.out / "summary_seeds.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"[fp8_loss_gap] mean LM loss of steps {end - args.window + 1}-{end}, {len(args.seeds)} seeds: "
+          + ", ".join(f"seed {s}: {ref} {means[f'{ref}_seed{s}']:.4f} fp8 {means[f'fp8_seed{s}']:.4f} "
+                      f"({stats[f'gap_seed{s}'] * 100:+.3f}%)" for s in args.seeds)
+          + f"; gap fp8 against {ref} {stats['mean_gap'] * 100:+.3f}% +- {stats['stderr_gap'] * 100:.3f}% (standard "
+          f"error; DeepSeek: < 0.25%); {ref} seed-to-seed spread {stats['ref_seed_spread'] * 100:.3f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small")
@@ -89,20 +142,26 @@ def main() -> None:
     ap.add_argument("--stop-at", type=int, default=0, help="stop both runs after this step (0: run all --steps)")
     ap.add_argument("--seed-spread", type=int, default=None, metavar="SEED",
                     help="also run FP32 with seed=SEED and report the FP32-FP32 gap (the noise of the statistic)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                    help="one reference/fp8 pair per seed (at least 2): the gap's mean and standard error")
+    ap.add_argument("--reference", choices=["fp32", "bf16"], default="fp32",
+                    help="the precision FP8 is compared with in --seeds mode")
     ap.add_argument("--out", type=Path, default=Path("outputs/fp8_loss_gap"))
     ap.add_argument("extra", nargs="*", help="more megads-train overrides for both runs")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.seeds is not None:
+        if len(set(args.seeds)) < 2:
+            ap.error("--seeds needs at least 2 different seeds")
+        _seeds_main(args)
+        return
     runs = [("fp32", "fp32", []), ("fp8", "fp8", [])]
     if args.seed_spread is not None:
         runs.append((f"fp32_seed{args.seed_spread}", "fp32", [f"seed={args.seed_spread}"]))
     walls = {name: _run(args.out, name, precision, args, extra) for name, precision, extra in runs}
     end = args.stop_at or args.steps
     curves = {p: _losses(args.out / p)[:end] for p in walls}
-    short = [p for p, c in curves.items() if len(c) < end]
-    if short:
-        raise SystemExit(f"runs {short} hold fewer than {end} steps")
-    means = {p: sum(c[-args.window:]) / len(c[-args.window:]) for p, c in curves.items()}
+    means = _window_means(args.out, list(walls), end, args.window)
     gap = (means["fp8"] - means["fp32"]) / means["fp32"]
     summary = {"model": args.model, "steps": args.steps, "compared_steps": end, "window": args.window,
                "mean_last": means, "mean_last_fp32": means["fp32"], "mean_last_fp8": means["fp8"],
