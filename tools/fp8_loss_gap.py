@@ -125,6 +125,38 @@ def _seeds_main(args: argparse.Namespace) -> None:
                       f"({stats[f'gap_seed{s}'] * 100:+.3f}%)" for s in args.seeds)
           + f"; gap fp8 against {ref} {stats['mean_gap'] * 100:+.3f}% +- {stats['stderr_gap'] * 100:.3f}% (standard "
           f"error; DeepSeek: < 0.25%); {ref} seed-to-seed spread {stats['ref_seed_spread'] * 100:.3f}%")
+    png = _plot_seed_gaps(args, {s: (_losses(args.out / f"{ref}_seed{s}")[:end], _losses(args.out / f"fp8_seed{s}")[:end])
+                                 for s in args.seeds}, stats)
+    print(f"[fp8_loss_gap] plot: {png}")
+
+
+def _plot_seed_gaps(args: argparse.Namespace, curves: dict[int, tuple[list[float], list[float]]],
+                    stats: dict[str, float]) -> Path:
+    """fp8 / reference - 1 of each seed's pair over the steps, as a moving mean of `--window` steps."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    w = args.window
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for s, (ref, fp8) in curves.items():
+        xs = list(range(w, len(ref) + 1))
+        gap = [100 * (sum(fp8[i - w:i]) / sum(ref[i - w:i]) - 1) for i in xs]
+        ax.plot(xs, gap, lw=1, label=f"seed {s}: {stats[f'gap_seed{s}'] * 100:+.3f}%")
+    for y in (0.25, -0.25):
+        ax.axhline(y, color="grey", ls="--", lw=0.8)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"FP8 / {args.reference} - 1 (%), mean of {w} steps")
+    ax.set_title(f"{args.model}: gap {stats['mean_gap'] * 100:+.3f}% +- {stats['stderr_gap'] * 100:.3f}% "
+                 f"over {len(curves)} seeds (dashed: 0.25%)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = args.out / "fp8_loss_gap_seeds.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
 
 
 def main() -> None:
