@@ -191,6 +191,81 @@ def test_grouped_experts_equal_the_reference_on_both_paths(o: int) -> None:
     _assert_experts_equal_reference(x, w, g, counts, y, xr.grad, wr.grad)
 
 
+# Tensors of at least FUSED_MIN_NUMEL elements are quantised by compiled kernels on CPU; each
+# case below is above that size, so these run the compiled path against the eager one.
+FUSED_CASES = {  # shape, dims, the compiled function that runs it
+    "rows-1x128": ((600, 3, 128), (2,), "_fused_rows"),  # activations / output gradients, 1 x 128 along K
+    "tokens-128x1": ((4, 128, 200), (1,), "_quant_dequant"),  # the weight gradient's 128-token tiles
+    "blocks-128x128": ((3, 128, 2, 128), (-3, -1), "_fused_blocks"),  # one weight
+    "expert-blocks": ((4, 1, 128, 2, 128), (-3, -1), "_fused_blocks"),  # a stack of experts' weights
+}
+
+
+@pytest.mark.parametrize("pow2", [True, False], ids=["pow2", "exact-scales"])
+@pytest.mark.parametrize("case", list(FUSED_CASES), ids=list(FUSED_CASES))
+def test_compiled_quantisation_equals_the_eager_path_bit_for_bit(case: str, pow2: bool,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled quantisation gives the eager path's bits: values across 2^-20 .. 2^20 (E4M3
+    subnormals after scaling included), an all-zero tile and one tile whose max needs saturation."""
+    from megads.model import fp8
+
+    monkeypatch.delenv(fp8.EAGER_QUANT_ENV, raising=False)
+    shape, dims, compiled = FUSED_CASES[case]
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-20, 21, shape, generator=gen).float())
+    flat = x.view(-1)
+    assert flat.numel() >= fp8.FUSED_MIN_NUMEL
+    flat[:128] = 0.0                 # with dims (2,) and (-3, -1): an all-zero tile / block start
+    flat[200] = 448.0001 * 2.0 ** 30  # rounds past 448 after the division unless saturated
+    fused = fp8._fake_quant(x, dims, pow2)
+    eager = fp8._fake_quant_eager(x, dims, pow2)
+    assert fp8._compiled.get(compiled) is not None  # the compiled path really ran
+    assert torch.isfinite(fused).all()
+    assert torch.equal(fused, eager)
+    assert not torch.equal(fused, x)  # it really is quantised
+
+
+def test_linear_above_the_compile_threshold_equals_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer big enough for the compiled quantisation (forward, input and weight gradient)
+    still equals the loop reference bit for bit."""
+    from megads.model import fp8
+
+    monkeypatch.delenv(fp8.EAGER_QUANT_ENV, raising=False)
+    n, k, o = 520, 256, 300
+    assert n * k >= fp8.FUSED_MIN_NUMEL and n * o >= fp8.FUSED_MIN_NUMEL
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(n, k, generator=gen) * torch.logspace(-3, 3, k)
+    w = torch.randn(o, k, generator=gen) * 0.05
+    g = torch.randn(n, o, generator=gen)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fp8_linear(xr, wr)
+    y.backward(g)
+    ry, rdx, rdw = ref_linear(x, w, g, True)
+    assert torch.equal(y, ry)
+    assert torch.equal(xr.grad, rdx)
+    assert torch.equal(wr.grad, rdw)
+
+
+def test_a_failing_compile_falls_back_to_the_eager_path(monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """If the compiler fails, the quantisation says so once and runs eagerly, same values."""
+    from megads.model import fp8
+
+    monkeypatch.delenv(fp8.EAGER_QUANT_ENV, raising=False)
+
+    def broken(*args: object) -> torch.Tensor:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fp8, "_compiled", {"_fused_rows": broken, "_fused_blocks": broken, "_quant_dequant": broken})
+    x = torch.randn(600, 3, 128)
+    with caplog.at_level("WARNING", logger="megads.model.fp8"):
+        out = fp8._fake_quant(x, (2,), True)
+        again = fp8._fake_quant(x, (2,), True)
+    assert torch.equal(out, fp8._fake_quant_eager(x, (2,), True)) and torch.equal(again, out)
+    assert fp8._compiled["_fused_rows"] is None
+    assert sum("compiling the quantisation failed" in r.message for r in caplog.records) == 1
+
+
 def test_the_factory_makes_fp8_block_layers_and_keeps_the_rest_high_precision() -> None:
     cfg = tiny_config()
     torch.manual_seed(0)

@@ -1,22 +1,27 @@
 """Cost of the FP8 emulation against FP32 GEMMs, on `small`'s shapes, same run.
 
-    python -m tools.bench_fp8 [--iters 7] [--threads 1] [--baseline-rev REV]
+    python -m tools.bench_fp8 [--iters 7] [--threads 1] [--baseline-rev REV] [--model small]
 
 Forward + backward (all three GEMMs) of one dense linear (128 tokens, 512 -> 1536, the dense
 MLP's up projection at micro-batch 2 x 64) and of the routed experts' grouped linear (512 rows
 over 32 experts, 512 -> 256), each as:
 - `fp32`: the native layers' products (`F.linear`, `megads.model.linear.grouped_mm`);
-- `fp8`: the emulation of this checkout (megads.model.fp8);
+- `fp8`: the emulation of this checkout (megads.model.fp8), its quantisation compiled on CPU;
+- `fp8-eager`: the same with `MEGADS_FP8_EAGER_QUANT=1` (every quantisation pass eager), checked
+  bit-identical to `fp8`;
 - `fp8@REV` (with `--baseline-rev`): megads/model/fp8.py as of git revision REV, loaded from
   `git show`, to measure a change of the emulation; its results are checked to be bit-identical.
-Alternating, median of `--iters`; printed: wall and CPU milliseconds (CPU time: the steadier on
+`--model PRESET` adds a whole forward + backward of that model (batch 4 x 64, MTP on) in FP32,
+FP8 and FP8 with eager quantisation. Alternating, median of `--iters`; printed: wall and CPU milliseconds (CPU time: the steadier on
 a shared machine) and the ratios to FP32.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -45,11 +50,53 @@ def load_rev(rev: str) -> ModuleType:
     return mod
 
 
+def eager_quant() -> Callable[[], contextlib.AbstractContextManager[None]]:
+    @contextlib.contextmanager
+    def ctx():  # noqa: ANN202
+        old = os.environ.get(fp8_now.EAGER_QUANT_ENV)
+        os.environ[fp8_now.EAGER_QUANT_ENV] = "1"
+        try:
+            yield
+        finally:
+            if old is None:
+                del os.environ[fp8_now.EAGER_QUANT_ENV]
+            else:
+                os.environ[fp8_now.EAGER_QUANT_ENV] = old
+    return ctx
+
+
+def e_run(env: Callable[[], contextlib.AbstractContextManager[None]], fn, *args):  # noqa: ANN001, ANN201
+    with env():
+        return fn(*args)
+
+
+def model_cases(preset: str) -> dict[str, Callable[[], list[torch.Tensor]]]:
+    """fp32 / fp8 / fp8-eager forward + backward of `preset` (same weights, batch 4 x 64, MTP on);
+    the outputs compared are the loss and the first parameters' gradients."""
+    from megads.model.transformer import DeepseekV3
+    from tools.count_params import load_preset
+
+    cfg = load_preset(preset)
+    models = {"fp32": DeepseekV3(cfg, init_seed=0).train(),
+              "fp8": DeepseekV3(cfg, factory=fp8_now.Fp8Factory(), init_seed=0).train()}
+    ids = torch.randint(0, cfg.vocab_size, (4, 65), generator=torch.Generator().manual_seed(1))
+
+    def step(model: torch.nn.Module) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss = model.compute_loss(ids[:, :-1], ids[:, 1:], mtp_weight=0.3).total
+        loss.backward()
+        return [loss.detach()] + [p.grad for p in list(model.parameters())[:8] if p.grad is not None]
+
+    return {"fp32": lambda: step(models["fp32"]), "fp8": lambda: step(models["fp8"]),
+            "fp8-eager": lambda: e_run(eager_quant(), step, models["fp8"])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--baseline-rev", default=None)
+    ap.add_argument("--model", default=None, help="also time a forward + backward of this preset")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -65,7 +112,7 @@ def main() -> None:
         y.backward(g)
         return [y.detach(), xr.grad, wr.grad]
 
-    impls: dict[str, ModuleType | None] = {"fp32": None, "fp8": fp8_now}
+    impls: dict[str, ModuleType | None] = {"fp32": None, "fp8": fp8_now, "fp8-eager": fp8_now}
     if args.baseline_rev:
         impls[f"fp8@{args.baseline_rev}"] = load_rev(args.baseline_rev)
     cases: dict[str, dict[str, Callable[[], list[torch.Tensor]]]] = {"linear": {}, "grouped": {}}
@@ -74,8 +121,12 @@ def main() -> None:
             cases["linear"][name] = lambda: run(torch.nn.functional.linear, x_l, w_l, g_l)
             cases["grouped"][name] = lambda: run(lambda x, w: grouped_mm(x, w, counts), x_g, w_g, g_g)
         else:
-            cases["linear"][name] = lambda m=mod: run(m.fp8_linear, x_l, w_l, g_l)
-            cases["grouped"][name] = lambda m=mod: run(lambda x, w: m.fp8_grouped_mm(x, w, counts), x_g, w_g, g_g)
+            env = eager_quant() if name == "fp8-eager" else contextlib.nullcontext
+            cases["linear"][name] = lambda m=mod, e=env: e_run(e, run, m.fp8_linear, x_l, w_l, g_l)
+            cases["grouped"][name] = lambda m=mod, e=env: e_run(
+                e, run, lambda x, w: m.fp8_grouped_mm(x, w, counts), x_g, w_g, g_g)
+    if args.model:
+        cases[args.model] = model_cases(args.model)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {args.iters}, forward + backward")
     for case, fns in cases.items():
         wall: dict[str, list[float]] = {n: [] for n in fns}
@@ -89,7 +140,7 @@ def main() -> None:
                     wall[name].append(time.perf_counter() - t0)
                     cpu[name].append(time.process_time() - c0)
         for name in fns:
-            if name.startswith("fp8@"):
+            if name.startswith("fp8@") or name == "fp8-eager":
                 assert all(torch.equal(a, b) for a, b in zip(outs[name], outs["fp8"])), f"{name} differs from fp8"
         med_w = {n: statistics.median(v) for n, v in wall.items()}
         med_c = {n: statistics.median(v) for n, v in cpu.items()}
