@@ -291,11 +291,18 @@ def test_the_factory_makes_fp8_block_layers_and_keeps_the_rest_high_precision() 
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
-def test_backend_choice_and_refusals() -> None:
+def test_backend_choice_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    from megads.model.fp8 import EAGER_QUANT_ENV
+
     cpu = torch.device("cpu")
     factory, line = choose_fp8_backend("auto", cpu)
     assert isinstance(factory, Fp8Factory) and "FP8 backend emulated" in line and "te:" in line
-    assert choose_fp8_backend("emulated", cpu)[1] == "FP8 backend emulated (fp8.backend=emulated)"
+    monkeypatch.setenv(EAGER_QUANT_ENV, "1")
+    assert choose_fp8_backend("emulated", cpu)[1] == (
+        "FP8 backend emulated (fp8.backend=emulated); quantisation eager (MEGADS_FP8_EAGER_QUANT=1)")
+    monkeypatch.delenv(EAGER_QUANT_ENV)
+    assert choose_fp8_backend("emulated", cpu)[1].endswith("; quantisation compiled on first use "
+                                                           "(MEGADS_FP8_EAGER_QUANT=1 keeps it eager)")
     for name in ("te", "torch"):
         with pytest.raises(Fp8BackendUnavailable, match=f"fp8.backend={name} cannot run: .*CUDA"):
             choose_fp8_backend(name, cpu)

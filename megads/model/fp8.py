@@ -548,6 +548,9 @@ def choose_fp8_backend(
     else:
         factory = Fp8Factory(pow2_scales=pow2_scales, dispatch=dispatch)
     line = f"FP8 backend {chosen} (fp8.backend={requested}" + (f"; not {why}" if why and requested == "auto" else "") + ")"
+    if chosen == "emulated" and device.type == "cpu":
+        line += ("; quantisation eager (MEGADS_FP8_EAGER_QUANT=1)" if os.environ.get(EAGER_QUANT_ENV) == "1"
+                 else "; quantisation compiled on first use (MEGADS_FP8_EAGER_QUANT=1 keeps it eager)")
     return factory, line
 
 
