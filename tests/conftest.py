@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The FP8 emulation's quantisation compiles its kernels on first use (seconds a shape class, in
 # every rank process): the suite runs it eagerly, with the same bits, except in the tests of the
-# compiled path itself (tests/test_fp8.py), which lift this. Ranks inherit the environment.
+# compiled path itself (tests/test_fp8.py) and the slow `small` case of tests/test_fp8_training.py,
+# which lift this. Ranks inherit the environment.
 os.environ.setdefault("MEGADS_FP8_EAGER_QUANT", "1")
 
 

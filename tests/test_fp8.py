@@ -193,12 +193,15 @@ def test_grouped_experts_equal_the_reference_on_both_paths(o: int) -> None:
 
 # Tensors of at least FUSED_MIN_NUMEL elements are quantised by compiled kernels on CPU; each
 # case below is above that size, so these run the compiled path against the eager one.
-FUSED_CASES = {  # shape, dims, the compiled function that runs it
-    "rows-1x128": ((600, 3, 128), (2,), "_fused_rows"),  # activations / output gradients, 1 x 128 along K
-    "tokens-128x1": ((4, 128, 200), (1,), "_quant_dequant"),  # the weight gradient's 128-token tiles
-    "blocks-128x128": ((3, 128, 2, 128), (-3, -1), "_fused_blocks"),  # one weight
-    "expert-blocks": ((4, 1, 128, 2, 128), (-3, -1), "_fused_blocks"),  # a stack of experts' weights
+_ = slice(None)
+FUSED_CASES = {  # shape, dims, the compiled function that runs it, two whole tiles (or blocks)
+    "rows-1x128": ((600, 3, 128), (2,), "_fused_rows", (0, 0, _), (1, 0, _)),  # activations, 1 x 128 along K
+    "tokens-128x1": ((4, 128, 200), (1,), "_quant_dequant", (0, _, 0), (1, _, 0)),  # wgrad's 128-token tiles
+    "blocks-128x128": ((3, 128, 2, 128), (-3, -1), "_fused_blocks", (0, _, 0, _), (1, _, 0, _)),  # a weight
+    "expert-blocks": ((4, 1, 128, 2, 128), (-3, -1), "_fused_blocks", (1, 0, _, 1, _), (2, 0, _, 1, _)),  # experts
 }
+# a tile's max for which FP32 max / (max / 448) is above 448: it must saturate, not become NaN
+SATURATING_MAX = 325.5022277832031
 
 
 @pytest.mark.parametrize("pow2", [True, False], ids=["pow2", "exact-scales"])
@@ -206,22 +209,30 @@ FUSED_CASES = {  # shape, dims, the compiled function that runs it
 def test_compiled_quantisation_equals_the_eager_path_bit_for_bit(case: str, pow2: bool,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The compiled quantisation gives the eager path's bits: values across 2^-20 .. 2^20 (E4M3
-    subnormals after scaling included), an all-zero tile and one tile whose max needs saturation."""
+    subnormals after scaling included), half of them BF16 values (which land on E4M3 rounding ties
+    often), one all-zero tile, and, with exact scales, values that round past 448 after the
+    division and must saturate."""
     from megads.model import fp8
 
     monkeypatch.delenv(fp8.EAGER_QUANT_ENV, raising=False)
-    shape, dims, compiled = FUSED_CASES[case]
+    shape, dims, compiled, zero_tile, max_tile = FUSED_CASES[case]
     gen = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-20, 21, shape, generator=gen).float())
     flat = x.view(-1)
     assert flat.numel() >= fp8.FUSED_MIN_NUMEL
-    flat[:128] = 0.0                 # with dims (2,) and (-3, -1): an all-zero tile / block start
-    flat[200] = 448.0001 * 2.0 ** 30  # rounds past 448 after the division unless saturated
+    flat[::2] = flat[::2].bfloat16().float()
+    x[zero_tile] = 0.0
+    tile = x[max_tile]
+    tile.clamp_(-1.0, 1.0)[(0,) * tile.dim()] = SATURATING_MAX
+    if not pow2:  # saturation is exercised: some x / scale round past 448 (pow2 scales never do)
+        scale = fp8.scales_from_amax(fp8._amax(x, dims, keepdim=True), pow2=False)
+        assert ((x / scale).abs() > fp8.E4M3_MAX).any()
     fused = fp8._fake_quant(x, dims, pow2)
     eager = fp8._fake_quant_eager(x, dims, pow2)
-    assert fp8._compiled.get(compiled) is not None  # the compiled path really ran
+    assert fp8._compiled.get(compiled) is not None  # compiled (fullgraph: it raises otherwise) and ran
     assert torch.isfinite(fused).all()
     assert torch.equal(fused, eager)
+    assert torch.equal(fused[zero_tile], torch.zeros_like(fused[zero_tile]))
     assert not torch.equal(fused, x)  # it really is quantised
 
 
@@ -231,7 +242,7 @@ def test_linear_above_the_compile_threshold_equals_the_reference(monkeypatch: py
     from megads.model import fp8
 
     monkeypatch.delenv(fp8.EAGER_QUANT_ENV, raising=False)
-    n, k, o = 520, 256, 300
+    n, k, o = 512, 256, 300  # n a multiple of 128: the weight gradient's transposed operands are not copied
     assert n * k >= fp8.FUSED_MIN_NUMEL and n * o >= fp8.FUSED_MIN_NUMEL
     gen = torch.Generator().manual_seed(21)
     x = torch.randn(n, k, generator=gen) * torch.logspace(-3, 3, k)
@@ -248,7 +259,8 @@ def test_linear_above_the_compile_threshold_equals_the_reference(monkeypatch: py
 
 def test_a_failing_compile_falls_back_to_the_eager_path(monkeypatch: pytest.MonkeyPatch,
                                                         caplog: pytest.LogCaptureFixture) -> None:
-    """If the compiler fails, the quantisation says so once and runs eagerly, same values."""
+    """If the compiler fails (when called, or torch.compile itself refuses), the quantisation says
+    so once per compiled function and runs eagerly from then on, with the same values."""
     from megads.model import fp8
 
     monkeypatch.delenv(fp8.EAGER_QUANT_ENV, raising=False)
@@ -256,14 +268,20 @@ def test_a_failing_compile_falls_back_to_the_eager_path(monkeypatch: pytest.Monk
     def broken(*args: object) -> torch.Tensor:
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(fp8, "_compiled", {"_fused_rows": broken, "_fused_blocks": broken, "_quant_dequant": broken})
-    x = torch.randn(600, 3, 128)
+    def refusing(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("torch.compile is not supported on this Python")
+
+    monkeypatch.setattr(fp8, "_compiled", {"_fused_rows": broken})
+    monkeypatch.setattr(torch, "compile", refusing)
+    rows, blocks = torch.randn(600, 3, 128), torch.randn(3, 128, 2, 128)
     with caplog.at_level("WARNING", logger="megads.model.fp8"):
-        out = fp8._fake_quant(x, (2,), True)
-        again = fp8._fake_quant(x, (2,), True)
-    assert torch.equal(out, fp8._fake_quant_eager(x, (2,), True)) and torch.equal(again, out)
-    assert fp8._compiled["_fused_rows"] is None
-    assert sum("compiling the quantisation failed" in r.message for r in caplog.records) == 1
+        outs = [fp8._fake_quant(rows, (2,), True) for _ in range(2)]
+        outs += [fp8._fake_quant(blocks, (-3, -1), True) for _ in range(2)]
+    assert torch.equal(outs[0], fp8._fake_quant_eager(rows, (2,), True)) and torch.equal(outs[1], outs[0])
+    assert torch.equal(outs[2], fp8._fake_quant_eager(blocks, (-3, -1), True)) and torch.equal(outs[3], outs[2])
+    assert fp8._compiled == {"_fused_rows": None, "_fused_blocks": None}
+    messages = [r.message for r in caplog.records if "compiling the quantisation" in r.message]
+    assert len(messages) == 2 and "no C++ compiler" in messages[0] and "not supported" in messages[1]
 
 
 def test_the_factory_makes_fp8_block_layers_and_keeps_the_rest_high_precision() -> None:

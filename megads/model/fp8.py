@@ -106,11 +106,13 @@ def _fake_quant_eager(tiles: torch.Tensor, dims: tuple[int, ...], pow2: bool) ->
 # GEMM's time. Compiled, inductor fuses the chain into one or two loops. The operations and their
 # order are the same, each exact or correctly rounded (max, division, the RNE cast,
 # multiplication by the scale), so the bits are the same: tests/test_fp8.py compares the two
-# paths bit for bit. Inductor's loop for a max over a middle dimension (the weight gradient's
-# 128-token tiles) is slower than eager's, so there the max and the scales stay eager and only
-# the elementwise chain is compiled. Below FUSED_MIN_NUMEL the eager passes are cheap and a
-# compile would cost more than it saves. MEGADS_FP8_EAGER_QUANT=1 keeps everything eager (same
-# results; no compile time, e.g. for short test processes).
+# paths bit for bit. (That rests on inductor's vectorised E4M3 cast rounding as the scalar one
+# does; torch 2.13's AVX10.2 variant of it, which inductor does not use, rounds through FP16.)
+# Inductor's loop for a max over a middle dimension (the weight gradient's 128-token tiles) is
+# slower than eager's, so there the max and the scales stay eager and only the elementwise chain
+# is compiled. Below FUSED_MIN_NUMEL the eager passes are cheap and a compile would cost more
+# than it saves. MEGADS_FP8_EAGER_QUANT=1 keeps everything eager (same results; no compile time,
+# e.g. for short test processes).
 FUSED_MIN_NUMEL = 1 << 16
 EAGER_QUANT_ENV = "MEGADS_FP8_EAGER_QUANT"
 
@@ -125,23 +127,27 @@ def _fused_blocks(blocks_GBKB: torch.Tensor, pow2: bool) -> torch.Tensor:
     return _fake_quant_eager(blocks_GBKB, (1, 3), pow2)
 
 
-# One compiled function per tile pattern, on canonical shapes, so each compiles for a handful
-# of shape classes (the recompile limit is per function); a shape class beyond the limit runs
-# eagerly, which dynamo does by itself. None marks a function whose compile failed.
+# One compiled function per tile pattern, on canonical shapes (not views), so each compiles for
+# a few shape classes (the recompile limit is per function: `small` needs two for the blocks,
+# one each otherwise). None marks a function whose compile failed: it runs eagerly from then on.
 _compiled: dict[str, Callable[..., torch.Tensor] | None] = {}
 
 
 def _compiled_fn(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor] | None:
+    # fullgraph: a graph break or the recompile limit raises (caught below: eager from then on,
+    # with a warning) instead of silently running part of the function eagerly
     if fn.__name__ not in _compiled:
-        _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
+        _compiled[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
     return _compiled[fn.__name__]
 
 
 def _fake_quant(tiles: torch.Tensor, dims: tuple[int, ...], pow2: bool) -> torch.Tensor:
     """`_fake_quant_eager`'s values; on CPU, for tensors of at least FUSED_MIN_NUMEL elements,
     computed with compiled kernels (the same bits, 2-5x faster)."""
-    if (tiles.device.type != "cpu" or tiles.numel() < FUSED_MIN_NUMEL or torch.compiler.is_compiling()
-            or os.environ.get(EAGER_QUANT_ENV) == "1"):
+    # is_compiling first: under an outer compile the size test would add a guard to its graph;
+    # a caller that differentiates through the quantisation gets the (differentiable) eager path
+    if (torch.compiler.is_compiling() or tiles.device.type != "cpu" or tiles.numel() < FUSED_MIN_NUMEL
+            or os.environ.get(EAGER_QUANT_ENV) == "1" or (tiles.requires_grad and torch.is_grad_enabled())):
         return _fake_quant_eager(tiles, dims, pow2)
     nd = tiles.dim()
     pattern = tuple(sorted(d % nd for d in dims))
@@ -154,15 +160,17 @@ def _fake_quant(tiles: torch.Tensor, dims: tuple[int, ...], pow2: bool) -> torch
     else:  # a max over another dimension: eager max and scales, compiled elementwise chain
         fn = _quant_dequant
         args = (tiles.detach(), scales_from_amax(_amax(tiles, dims, keepdim=True), pow2=pow2))
-    fused = _compiled_fn(fn)
-    if fused is None:
+    if _compiled.get(fn.__name__, fn) is None:  # its compile failed before
         return _fake_quant_eager(tiles, dims, pow2)
     try:
-        return fused(*args).view(tiles.shape)
+        fused = _compiled_fn(fn)  # torch.compile itself refuses some Pythons
+        assert fused is not None
+        with torch.no_grad():  # one guard set whatever the caller's grad mode
+            return fused(*args).view(tiles.shape)
     except Exception as err:  # noqa: BLE001 - any compiler failure: the eager path has the same bits
         _compiled[fn.__name__] = None
-        log.warning("fp8 emulation: compiling the quantisation failed (%s: %s); using the eager "
-                    "path, with the same results, slower", type(err).__name__, err)
+        log.warning("fp8 emulation: compiling the quantisation (%s) failed (%s: %.300s); using the "
+                    "eager path, with the same results, slower", fn.__name__, type(err).__name__, err)
         return _fake_quant_eager(tiles, dims, pow2)
 
 
