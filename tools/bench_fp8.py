@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from unittest import mock
 
 import torch
 
@@ -50,22 +51,12 @@ def load_rev(rev: str) -> ModuleType:
     return mod
 
 
-def eager_quant() -> Callable[[], contextlib.AbstractContextManager[None]]:
-    @contextlib.contextmanager
-    def ctx():  # noqa: ANN202
-        old = os.environ.get(fp8_now.EAGER_QUANT_ENV)
-        os.environ[fp8_now.EAGER_QUANT_ENV] = "1"
-        try:
-            yield
-        finally:
-            if old is None:
-                del os.environ[fp8_now.EAGER_QUANT_ENV]
-            else:
-                os.environ[fp8_now.EAGER_QUANT_ENV] = old
-    return ctx
+def eager_quant() -> contextlib.AbstractContextManager:
+    """The emulation with every quantisation pass eager (`MEGADS_FP8_EAGER_QUANT=1`)."""
+    return mock.patch.dict(os.environ, {fp8_now.EAGER_QUANT_ENV: "1"})
 
 
-def e_run(env: Callable[[], contextlib.AbstractContextManager[None]], fn, *args):  # noqa: ANN001, ANN201
+def e_run(env: Callable[[], contextlib.AbstractContextManager], fn, *args):  # noqa: ANN001, ANN201
     with env():
         return fn(*args)
 
@@ -88,7 +79,7 @@ def model_cases(preset: str) -> dict[str, Callable[[], list[torch.Tensor]]]:
         return [loss.detach()] + [p.grad for p in list(model.parameters())[:8] if p.grad is not None]
 
     return {"fp32": lambda: step(models["fp32"]), "fp8": lambda: step(models["fp8"]),
-            "fp8-eager": lambda: e_run(eager_quant(), step, models["fp8"])}
+            "fp8-eager": lambda: e_run(eager_quant, step, models["fp8"])}
 
 
 def main() -> None:
@@ -121,7 +112,7 @@ def main() -> None:
             cases["linear"][name] = lambda: run(torch.nn.functional.linear, x_l, w_l, g_l)
             cases["grouped"][name] = lambda: run(lambda x, w: grouped_mm(x, w, counts), x_g, w_g, g_g)
         else:
-            env = eager_quant() if name == "fp8-eager" else contextlib.nullcontext
+            env = eager_quant if name == "fp8-eager" else contextlib.nullcontext
             cases["linear"][name] = lambda m=mod, e=env: e_run(e, run, m.fp8_linear, x_l, w_l, g_l)
             cases["grouped"][name] = lambda m=mod, e=env: e_run(
                 e, run, lambda x, w: m.fp8_grouped_mm(x, w, counts), x_g, w_g, g_g)

@@ -101,11 +101,16 @@ def paired_gap_stats(ref_means: dict[int, float], fp8_means: dict[int, float]) -
             **{f"gap_seed{s}": g for s, g in zip(seeds, gaps)}}
 
 
-def _window_means(out: Path, names: list[str], end: int, window: int) -> dict[str, float]:
+def _curves(out: Path, names: list[str], end: int) -> dict[str, list[float]]:
+    """Each run's LM losses of steps 1..end (every run must have reached `end`)."""
     curves = {p: _losses(out / p)[:end] for p in names}
     short = [p for p, c in curves.items() if len(c) < end]
     if short:
         raise SystemExit(f"runs {short} hold fewer than {end} steps")
+    return curves
+
+
+def _window_means(curves: dict[str, list[float]], window: int) -> dict[str, float]:
     return {p: sum(c[-window:]) / len(c[-window:]) for p, c in curves.items()}
 
 
@@ -114,7 +119,8 @@ def _seeds_main(args: argparse.Namespace) -> None:
     runs = [(f"{prec}_seed{s}", prec, [f"seed={s}"]) for s in args.seeds for prec in (ref, "fp8")]
     walls = {name: _run(args.out, name, precision, args, extra) for name, precision, extra in runs}
     end = args.stop_at or args.steps
-    means = _window_means(args.out, list(walls), end, args.window)
+    curves = _curves(args.out, list(walls), end)
+    means = _window_means(curves, args.window)
     stats = paired_gap_stats({s: means[f"{ref}_seed{s}"] for s in args.seeds},
                              {s: means[f"fp8_seed{s}"] for s in args.seeds})
     summary = {"model": args.model, "steps": args.steps, "compared_steps": end, "window": args.window,
@@ -125,8 +131,7 @@ def _seeds_main(args: argparse.Namespace) -> None:
                       f"({stats[f'gap_seed{s}'] * 100:+.3f}%)" for s in args.seeds)
           + f"; gap fp8 against {ref} {stats['mean_gap'] * 100:+.3f}% +- {stats['stderr_gap'] * 100:.3f}% (standard "
           f"error; DeepSeek: < 0.25%); {ref} seed-to-seed spread {stats['ref_seed_spread'] * 100:.3f}%")
-    png = _plot_seed_gaps(args, {s: (_losses(args.out / f"{ref}_seed{s}")[:end], _losses(args.out / f"fp8_seed{s}")[:end])
-                                 for s in args.seeds}, stats)
+    png = _plot_seed_gaps(args, {s: (curves[f"{ref}_seed{s}"], curves[f"fp8_seed{s}"]) for s in args.seeds}, stats)
     print(f"[fp8_loss_gap] plot: {png}")
 
 
@@ -192,8 +197,8 @@ def main() -> None:
         runs.append((f"fp32_seed{args.seed_spread}", "fp32", [f"seed={args.seed_spread}"]))
     walls = {name: _run(args.out, name, precision, args, extra) for name, precision, extra in runs}
     end = args.stop_at or args.steps
-    curves = {p: _losses(args.out / p)[:end] for p in walls}
-    means = _window_means(args.out, list(walls), end, args.window)
+    curves = _curves(args.out, list(walls), end)
+    means = _window_means(curves, args.window)
     gap = (means["fp8"] - means["fp32"]) / means["fp32"]
     summary = {"model": args.model, "steps": args.steps, "compared_steps": end, "window": args.window,
                "mean_last": means, "mean_last_fp32": means["fp32"], "mean_last_fp8": means["fp8"],

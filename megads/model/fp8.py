@@ -133,12 +133,8 @@ def _fused_blocks(blocks_GBKB: torch.Tensor, pow2: bool) -> torch.Tensor:
 _compiled: dict[str, Callable[..., torch.Tensor] | None] = {}
 
 
-def _compiled_fn(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor] | None:
-    # fullgraph: a graph break or the recompile limit raises (caught below: eager from then on,
-    # with a warning) instead of silently running part of the function eagerly
-    if fn.__name__ not in _compiled:
-        _compiled[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _compiled[fn.__name__]
+def _eager_quant_forced() -> bool:
+    return os.environ.get(EAGER_QUANT_ENV) == "1"
 
 
 def _fake_quant(tiles: torch.Tensor, dims: tuple[int, ...], pow2: bool) -> torch.Tensor:
@@ -147,23 +143,27 @@ def _fake_quant(tiles: torch.Tensor, dims: tuple[int, ...], pow2: bool) -> torch
     # is_compiling first: under an outer compile the size test would add a guard to its graph;
     # a caller that differentiates through the quantisation gets the (differentiable) eager path
     if (torch.compiler.is_compiling() or tiles.device.type != "cpu" or tiles.numel() < FUSED_MIN_NUMEL
-            or os.environ.get(EAGER_QUANT_ENV) == "1" or (tiles.requires_grad and torch.is_grad_enabled())):
+            or _eager_quant_forced() or (tiles.requires_grad and torch.is_grad_enabled())):
         return _fake_quant_eager(tiles, dims, pow2)
     nd = tiles.dim()
     pattern = tuple(sorted(d % nd for d in dims))
-    # detach: no autograd here (the FP8 functions define their own gradients), and a tensor that
-    # is not a view, so dynamo does not guard on (and recompile for) each caller's base tensor
-    if pattern == (nd - 1,):
-        fn, args = _fused_rows, (tiles.reshape(-1, tiles.shape[-1]).detach(), pow2)
-    elif pattern == (nd - 3, nd - 1):
-        fn, args = _fused_blocks, (tiles.reshape(-1, *tiles.shape[-3:]).detach(), pow2)
-    else:  # a max over another dimension: eager max and scales, compiled elementwise chain
-        fn = _quant_dequant
-        args = (tiles.detach(), scales_from_amax(_amax(tiles, dims, keepdim=True), pow2=pow2))
+    fn = _fused_rows if pattern == (nd - 1,) else _fused_blocks if pattern == (nd - 3, nd - 1) else _quant_dequant
     if _compiled.get(fn.__name__, fn) is None:  # its compile failed before
         return _fake_quant_eager(tiles, dims, pow2)
+    # detach: no autograd here (the FP8 functions define their own gradients), and a tensor that
+    # is not a view, so dynamo does not guard on (and recompile for) each caller's base tensor
+    if fn is _fused_rows:
+        args: tuple = (tiles.reshape(-1, tiles.shape[-1]).detach(), pow2)
+    elif fn is _fused_blocks:
+        args = (tiles.reshape(-1, *tiles.shape[-3:]).detach(), pow2)
+    else:  # a max over another dimension: eager max and scales, compiled elementwise chain
+        args = (tiles.detach(), scales_from_amax(_amax(tiles, dims, keepdim=True), pow2=pow2))
     try:
-        fused = _compiled_fn(fn)  # torch.compile itself refuses some Pythons
+        if fn.__name__ not in _compiled:  # torch.compile itself refuses some Pythons: inside the try
+            # fullgraph: a graph break or the recompile limit raises (caught below: eager from
+            # then on, with a warning) instead of silently running part of the function eagerly
+            _compiled[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
+        fused = _compiled[fn.__name__]
         assert fused is not None
         with torch.no_grad():  # one guard set whatever the caller's grad mode
             return fused(*args).view(tiles.shape)
@@ -557,7 +557,7 @@ def choose_fp8_backend(
         factory = Fp8Factory(pow2_scales=pow2_scales, dispatch=dispatch)
     line = f"FP8 backend {chosen} (fp8.backend={requested}" + (f"; not {why}" if why and requested == "auto" else "") + ")"
     if chosen == "emulated" and device.type == "cpu":
-        line += ("; quantisation eager (MEGADS_FP8_EAGER_QUANT=1)" if os.environ.get(EAGER_QUANT_ENV) == "1"
+        line += ("; quantisation eager (MEGADS_FP8_EAGER_QUANT=1)" if _eager_quant_forced()
                  else "; quantisation compiled on first use (MEGADS_FP8_EAGER_QUANT=1 keeps it eager)")
     return factory, line
 
